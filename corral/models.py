@@ -1,0 +1,236 @@
+"""Records, states, sandbox types and the manager's configuration.
+
+These are plain pydantic models with no Ray or Docker in them. The field names
+of :class:`ContainerModel` and :class:`SandboxManagerEnvConfig` are the
+reference's, so records and configurations carry over unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from enum import Enum
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import InvalidRequest, UnknownSandboxType
+
+__all__ = [
+    "ContainerState",
+    "ContainerModel",
+    "SandboxTypeConfig",
+    "SandboxManagerEnvConfig",
+    "ACTIVE_STATES",
+    "TERMINAL_STATES",
+    "LABEL_MANAGED",
+    "LABEL_NAME",
+    "LABEL_TYPE",
+    "LABEL_SESSION",
+    "LABEL_REGISTRY",
+    "SESSION_ID_ALPHABET",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Labels corral puts on every container it starts (Docker labels; the process
+#: driver keeps them in its metadata file). The registry reconciles by them.
+LABEL_MANAGED = "corral.managed"
+LABEL_NAME = "corral.name"
+LABEL_TYPE = "corral.sandbox_type"
+LABEL_SESSION = "corral.session_id"
+LABEL_REGISTRY = "corral.registry"
+
+SESSION_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+class ContainerState(str, Enum):
+    """The reference's five states, plus STARTING for a slot being created."""
+
+    STARTING = "STARTING"  # corral: slot reserved, container being created (counts toward the limit)
+    WARM = "WARM"
+    RUNNING = "RUNNING"
+    RECYCLED = "RECYCLED"
+    REPLACED = "REPLACED"
+    RELEASED = "RELEASED"
+
+
+ACTIVE_STATES = frozenset({ContainerState.STARTING, ContainerState.WARM, ContainerState.RUNNING})
+TERMINAL_STATES = frozenset({ContainerState.RELEASED, ContainerState.REPLACED})
+
+
+class ContainerModel(BaseModel):
+    """One container's record. Owned by the RegistryActor: nobody else writes it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    session_id: str
+    container_id: Optional[str] = None
+    container_name: str
+    url: Optional[str] = None
+    ports: list[Any] = Field(default_factory=list)
+    mount_dir: Optional[str] = None
+    storage_path: Optional[str] = None
+    runtime_token: Optional[str] = None
+    version: Optional[str] = None
+    meta: dict = Field(default_factory=dict)
+    timeout: Optional[float] = None
+    sandbox_type: Optional[str] = None
+    state: ContainerState = ContainerState.WARM
+    session_ctx_id: Optional[str] = None
+    last_active_at: Optional[float] = None
+    recycled_at: Optional[float] = None
+    released_at: Optional[float] = None
+    updated_at: Optional[float] = None
+    recycle_reason: Optional[str] = None
+    redirect_to: Optional[str] = None
+    # corral's own
+    created_at: Optional[float] = None
+    rev: int = 0  # bumped by the registry on every transition
+
+    def public(self) -> dict:
+        """The record without its runtime token (what `get_info` shows other callers)."""
+        d = self.model_dump(mode="json")
+        d["runtime_token"] = None
+        return d
+
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class SandboxTypeConfig(BaseModel):
+    """What a sandbox type is: its image, environment, limits and pool policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Type name, e.g. 'base'. Lowercase letters, digits, '_', '-', '.'.")
+    image: str = Field("corral-box:latest", description="Docker image (ignored by the process driver).")
+    environment: dict[str, str] = Field(default_factory=dict, description="Env for every sandbox of this type.")
+    pool_size: Optional[int] = Field(None, ge=0, le=4096, description="Warm target; None = the manager's pool_size.")
+    timeout: Optional[float] = Field(None, gt=0, description="Heartbeat timeout override in seconds.")
+    cpus: Optional[float] = Field(None, gt=0, le=1024, description="CPU limit (Docker).")
+    memory: Optional[str] = Field(None, description="Memory limit, e.g. '512m' (Docker).")
+    pids_limit: Optional[int] = Field(256, gt=0, description="Max processes (Docker).")
+    network_mode: Optional[str] = Field(None, description="Docker network mode; 'none' for untrusted code.")
+    reuse: bool = Field(False, description="On release, reset the sandbox and return it to the pool instead of destroying it.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"sandbox type name {v!r} must match {_NAME_RE.pattern}")
+        return v
+
+    @field_validator("environment")
+    @classmethod
+    def _env_ok(cls, v: dict) -> dict:
+        for k, val in v.items():
+            if val is None:
+                raise ValueError(f"environment variable {k!r} is None")
+        return v
+
+
+_REDIS_KEYS = {
+    "redis_enabled", "redis_server", "redis_port", "redis_db", "redis_user", "redis_password",
+    "redis_port_key", "redis_container_pool_key", "redis_mount_dir_key",
+}
+
+
+class SandboxManagerEnvConfig(BaseModel):
+    """The manager's configuration: the reference's fields and defaults, minus Redis.
+
+    Redis settings from a reference configuration are accepted and ignored (the
+    actors hold the state). ``container_deployment`` picks the driver.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    container_prefix_key: str = "runtime_sandbox_container_"
+    file_system: Literal["local", "oss"] = "local"
+    storage_folder: Optional[str] = None
+    container_deployment: Literal["process", "docker", "fake"] = "process"
+    default_mount_dir: Optional[str] = "sessions_mount_dir"
+    readonly_mounts: Optional[dict[str, str]] = None
+    allow_mount_dir: bool = False
+    pool_size: int = Field(0, ge=0, le=4096)
+    oss_endpoint: Optional[str] = None
+    oss_access_key_id: Optional[str] = None
+    oss_access_key_secret: Optional[str] = None
+    oss_bucket_name: Optional[str] = None
+    heartbeat_timeout: float = Field(300, gt=0)
+    watcher_scan_interval: float = Field(1, ge=0)
+    released_key_ttl: float = Field(3600, ge=0)
+    max_sandbox_instances: int = Field(0, ge=0)
+
+    # corral's own
+    namespace: str = Field("corral", description="Ray namespace all corral actors live in.")
+    state_dir: str = Field(".corral", description="Where the registry checkpoints its records.")
+    sandbox_types: dict[str, SandboxTypeConfig] = Field(default_factory=dict)
+    default_type: str = "base"
+    acquire_timeout: float = Field(60.0, gt=0, description="How long an acquire waits in line at the instance limit.")
+    spare_sessions: int = Field(2, ge=0, le=256, description="Session actors kept started and idle, so an acquire never waits for one.")
+    docker_host: Optional[str] = Field(None, description="Docker engine URL; None = from the environment.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_redis(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            dropped = [k for k in data if k in _REDIS_KEYS]
+            if dropped:
+                logger.warning("corral keeps state in Ray actors; ignoring Redis settings %s", dropped)
+                data = {k: v for k, v in data.items() if k not in _REDIS_KEYS}
+        return data
+
+    @model_validator(mode="after")
+    def _types(self) -> "SandboxManagerEnvConfig":
+        for key, t in self.sandbox_types.items():
+            if key != t.name:
+                raise ValueError(f"sandbox_types key {key!r} differs from its name {t.name!r}")
+        if self.default_type not in self.sandbox_types:
+            self.sandbox_types[self.default_type] = SandboxTypeConfig(name=self.default_type)
+        if self.file_system == "oss":
+            missing = [f for f in ("oss_endpoint", "oss_access_key_id", "oss_access_key_secret", "oss_bucket_name")
+                       if not getattr(self, f)]
+            if missing:
+                raise ValueError(f"file_system='oss' needs {', '.join(missing)}")
+        return self
+
+    def sandbox_type(self, name: Optional[str]) -> SandboxTypeConfig:
+        """The type called ``name`` (None: the default); unknown names raise."""
+        key = name or self.default_type
+        if hasattr(key, "value"):  # the reference passes SandboxType enums
+            key = key.value
+        try:
+            return self.sandbox_types[key]
+        except KeyError:
+            raise UnknownSandboxType(
+                f"unknown sandbox type {key!r}; known: {sorted(self.sandbox_types)}"
+            ) from None
+
+    def pool_target(self, name: str) -> int:
+        t = self.sandbox_type(name)
+        return self.pool_size if t.pool_size is None else t.pool_size
+
+    def timeout_for(self, name: Optional[str]) -> float:
+        t = self.sandbox_type(name)
+        return t.timeout or self.heartbeat_timeout
+
+    def abs_state_dir(self) -> str:
+        return os.path.abspath(self.state_dir)
+
+
+def check_env(environment: Optional[dict]) -> dict[str, str]:
+    """Validate a per-call environment: keys are names, values are not None."""
+    if environment is None:
+        return {}
+    if not isinstance(environment, dict):
+        raise InvalidRequest(f"environment must be a dict, got {type(environment).__name__}")
+    out = {}
+    for k, v in environment.items():
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k:
+            raise InvalidRequest(f"environment variable name {k!r} is not valid")
+        if v is None:
+            raise InvalidRequest(f"environment variable {k!r} is None")
+        out[k] = str(v)
+    return out

@@ -1,0 +1,94 @@
+"""The one driver protocol: how corral starts and stops a sandbox's container.
+
+A driver owns nothing but the backend's view of containers: it keeps no
+records (the registry does). Every method is async and must never block the
+caller's event loop (blocking backends run in a thread). ``remove`` and
+``stop`` are idempotent: removing what is already gone is not an error.
+
+Status strings are the reference's: ``"running"``, ``"exited"``, ``"created"``,
+and corral's ``"missing"`` for a container the backend does not know.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ContainerSpec", "ContainerHandle", "Driver", "BOX_PORT"]
+
+#: The port the box listens on inside a container.
+BOX_PORT = 8000
+
+
+class ContainerSpec(BaseModel):
+    """Everything a driver needs to start one sandbox."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Unique container name (the record's container_name).")
+    image: str = Field("corral-box:latest", description="Image (Docker); the process driver ignores it.")
+    token: str = Field(description="The box's bearer token, passed as SECRET_TOKEN.")
+    labels: dict[str, str] = Field(default_factory=dict)
+    environment: dict[str, str] = Field(default_factory=dict)
+    workspace: Optional[str] = Field(None, description="Host directory mounted read-write at /workspace.")
+    readonly_mounts: dict[str, str] = Field(default_factory=dict, description="host path -> container path, read-only.")
+    cpus: Optional[float] = None
+    memory: Optional[str] = None
+    pids_limit: Optional[int] = None
+    network_mode: Optional[str] = None
+    ready_timeout: float = Field(60.0, description="Seconds to wait for the box's health route.")
+
+
+class ContainerHandle(BaseModel):
+    """The backend's view of one container."""
+
+    container_id: str
+    name: str
+    url: Optional[str] = None  # http://127.0.0.1:<port>, the box's base URL
+    ports: list[int] = Field(default_factory=list)
+    status: str = "running"
+    labels: dict[str, str] = Field(default_factory=dict)
+    image: Optional[str] = None
+
+
+class Driver(abc.ABC):
+    """Starts, stops and lists containers. Implementations: process, docker, fake."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    async def create(self, spec: ContainerSpec) -> ContainerHandle:
+        """Start a container and return when its box answers ``/healthz``.
+
+        On failure nothing is left behind (the half-made container is removed)
+        and a :class:`corral.DriverError` is raised.
+        """
+
+    @abc.abstractmethod
+    async def start(self, container_id: str) -> None:
+        """Start a stopped container (no-op when running)."""
+
+    @abc.abstractmethod
+    async def stop(self, container_id: str, timeout: float = 1.0) -> None:
+        """Stop a container (idempotent)."""
+
+    @abc.abstractmethod
+    async def remove(self, container_id: str) -> None:
+        """Stop and delete a container (idempotent: gone is fine)."""
+
+    @abc.abstractmethod
+    async def status(self, container_id: str) -> str:
+        """'running', 'exited', 'created', ... or 'missing'."""
+
+    @abc.abstractmethod
+    async def inspect(self, container_id: str) -> Optional[ContainerHandle]:
+        """The container's handle, or None when the backend does not know it."""
+
+    @abc.abstractmethod
+    async def list(self, labels: dict[str, str]) -> list[ContainerHandle]:
+        """Every container carrying all of ``labels`` (running or not)."""
+
+    async def close(self) -> None:
+        """Release client resources (not containers)."""
