@@ -15,6 +15,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from corral.drivers.config import DockerDriverConfig, DriverConfig, FakeDriverConfig, ProcessDriverConfig
+
 from .errors import InvalidRequest, UnknownSandboxType
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "LABEL_SESSION",
     "LABEL_REGISTRY",
     "SESSION_ID_ALPHABET",
+    "labels_for",
+    "check_env",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,12 +55,15 @@ class ContainerState(str, Enum):
     STARTING = "STARTING"  # corral: slot reserved, container being created (counts toward the limit)
     WARM = "WARM"
     RUNNING = "RUNNING"
+    RESETTING = "RESETTING"  # corral: released, being wiped for reuse (still holds its slot)
     RECYCLED = "RECYCLED"
     REPLACED = "REPLACED"
     RELEASED = "RELEASED"
 
 
-ACTIVE_STATES = frozenset({ContainerState.STARTING, ContainerState.WARM, ContainerState.RUNNING})
+ACTIVE_STATES = frozenset(
+    {ContainerState.STARTING, ContainerState.WARM, ContainerState.RUNNING, ContainerState.RESETTING}
+)
 TERMINAL_STATES = frozenset({ContainerState.RELEASED, ContainerState.REPLACED})
 
 
@@ -170,20 +177,25 @@ class SandboxManagerEnvConfig(BaseModel):
     default_type: str = "base"
     acquire_timeout: float = Field(60.0, gt=0, description="How long an acquire waits in line at the instance limit.")
     spare_sessions: int = Field(2, ge=0, le=256, description="Session actors kept started and idle, so an acquire never waits for one.")
-    docker_host: Optional[str] = Field(None, description="Docker engine URL; None = from the environment.")
+    driver: Optional[DriverConfig] = Field(
+        None, description="Explicit driver settings; None = the defaults of `container_deployment`."
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _drop_redis(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            dropped = [k for k in data if k in _REDIS_KEYS]
-            if dropped:
-                logger.warning("corral keeps state in Ray actors; ignoring Redis settings %s", dropped)
-                data = {k: v for k, v in data.items() if k not in _REDIS_KEYS}
+            if data.get("redis_enabled"):
+                logger.warning("corral keeps state in Ray actors; ignoring the Redis settings")
+            data = {k: v for k, v in data.items() if k not in _REDIS_KEYS}
         return data
 
     @model_validator(mode="after")
     def _types(self) -> "SandboxManagerEnvConfig":
+        if self.driver is not None and self.driver.type != self.container_deployment:
+            raise ValueError(
+                f"driver.type {self.driver.type!r} differs from container_deployment {self.container_deployment!r}"
+            )
         for key, t in self.sandbox_types.items():
             if key != t.name:
                 raise ValueError(f"sandbox_types key {key!r} differs from its name {t.name!r}")
@@ -216,8 +228,27 @@ class SandboxManagerEnvConfig(BaseModel):
         t = self.sandbox_type(name)
         return t.timeout or self.heartbeat_timeout
 
+    def driver_config(self):
+        """The driver's config: ``driver`` if given, else the defaults for ``container_deployment``."""
+        if self.driver is not None:
+            return self.driver
+        cls = {"process": ProcessDriverConfig, "docker": DockerDriverConfig, "fake": FakeDriverConfig}
+        kw = {"root": os.path.join(self.abs_state_dir(), "process")} if self.container_deployment == "process" else {}
+        return cls[self.container_deployment](**kw)
+
     def abs_state_dir(self) -> str:
         return os.path.abspath(self.state_dir)
+
+
+def labels_for(rec: "ContainerModel", registry_id: str) -> dict[str, str]:
+    """The labels a record's container carries (the registry reconciles by them)."""
+    return {
+        LABEL_MANAGED: "true",
+        LABEL_NAME: rec.container_name,
+        LABEL_TYPE: rec.sandbox_type or "",
+        LABEL_SESSION: rec.session_id,
+        LABEL_REGISTRY: registry_id,
+    }
 
 
 def check_env(environment: Optional[dict]) -> dict[str, str]:

@@ -1,1 +1,5 @@
-"""(filled in below)"""
+"""The manager: the reference's operations on corral's actors, sync and async."""
+
+from .manager import OPERATIONS, AsyncSandbox, Sandbox, SandboxManager
+
+__all__ = ["SandboxManager", "OPERATIONS", "Sandbox", "AsyncSandbox"]

@@ -1,1 +1,1 @@
-"""(filled in below)"""
+"""The manager core, async (the source of the generated sync twin in ``_sync``)."""

@@ -1,0 +1,361 @@
+"""PoolActor: one sandbox type's warm pool and every driver call for that type.
+
+What it owns: a :class:`PoolCore` (warm names, starts in flight, target,
+waiters), the driver instance that creates and removes this type's containers,
+and what it needs to reach each warm box (url, token) for health checks and
+resets. Records belong to the RegistryActor: the pool asks it for a slot
+(``reserve``), reports each start (``started`` / ``start_failed``) and binds a
+warm container to a session with ``claim``.
+
+Its event loop never blocks on a driver call: drivers are async (Docker runs
+in threads), refills run as background tasks bounded by a semaphore, and an
+acquire only pops a name and makes one registry call. Detached, named,
+restarted forever; after a restart it rebuilds its warm set from the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from typing import Any, Optional
+
+import ray
+
+from corral.core.pool import PoolCore
+from corral.drivers import ContainerSpec, make_driver
+from corral.errors import CapacityError, Conflict, CorralError, DriverError, InvalidRequest, NotFound
+from corral.models import ContainerModel, SandboxManagerEnvConfig, check_env, labels_for
+
+from .common import REGISTRY_NAME, Ticker, fire
+from .metrics import pool_metrics
+
+__all__ = ["PoolActor"]
+
+logger = logging.getLogger("corral.pool")
+HEALTH_EVERY = 5.0
+SHRINK_AFTER = 30.0
+
+
+class PoolActor:
+    """See the module docstring. ``acquire``/``create`` are the hot paths."""
+
+    def __init__(self, config: dict, sandbox_type: str, max_parallel_starts: int = 4) -> None:
+        self.config = SandboxManagerEnvConfig.model_validate(config)
+        self.type = self.config.sandbox_type(sandbox_type)
+        self.ns = self.config.namespace
+        self.core = PoolCore(self.type.name, self.config.pool_target(self.type.name))
+        self._starts = asyncio.Semaphore(max_parallel_starts)
+        self._waiters: deque[asyncio.Future] = deque()
+        self._boxes: dict[str, tuple[str, Optional[str], Optional[str]]] = {}  # name -> (container_id, url, token)
+        self._boot_task: Optional[asyncio.Task] = None
+        self._ticker: Optional[Ticker] = None
+        self._health_due = 0.0
+        self._retry_at = 0.0
+        self._surplus_since: Optional[float] = None
+        self._http = None
+        self._storage = None
+        self.metrics = pool_metrics(self.type.name)
+        self.started_total = 0
+        self.failed_total = 0
+
+    # -- boot ------------------------------------------------------------------
+
+    async def _ready(self) -> None:
+        if self._boot_task is None:
+            self._boot_task = asyncio.ensure_future(self._boot())
+        await asyncio.shield(self._boot_task)
+
+    async def _boot(self) -> None:
+        import httpx
+
+        self.driver = make_driver(self.config.driver_config())
+        self.registry = ray.get_actor(REGISTRY_NAME, namespace=self.ns)
+        self._http = httpx.AsyncClient(timeout=5.0)
+        for r in await self.registry.records.remote(self.type.name, ["WARM", "RESETTING"]):
+            rec = ContainerModel.model_validate(r)
+            if rec.state.value == "WARM":
+                self._boxes[rec.container_name] = (rec.container_id, rec.url, rec.runtime_token)
+                self.core.put(rec.container_name)
+            else:  # a reset cut off by our restart: we cannot know it finished, so the container goes
+                await self.registry.reset_done.remote(rec.container_name, False)
+                fire(self.driver.remove(rec.container_id), "remove half-reset container")
+        self._ticker = Ticker(f"pool-{self.type.name}", 0.5, self._tick)
+        self._ticker.start()
+
+    @property
+    def storage(self):
+        if self._storage is None and (self.config.storage_folder or self.config.file_system == "oss"):
+            from corral.storage import make_storage
+
+            self._storage = make_storage(self.config)
+        return self._storage
+
+    async def _tick(self) -> None:
+        if time.monotonic() >= self._retry_at:
+            for _ in range(self.core.deficit()):
+                self.core.start_begun()
+                fire(self._refill_one(), f"refill {self.type.name}")
+        # Reused sandboxes come back above the target during a burst; keep them until the
+        # surplus has lasted a while, or the next wave of acquires would start cold.
+        if self.core.surplus() == 0:
+            self._surplus_since = None
+        elif self._surplus_since is None:
+            self._surplus_since = time.monotonic()
+        elif time.monotonic() - self._surplus_since > SHRINK_AFTER:
+            for _ in range(self.core.surplus()):
+                name = self.core.take()
+                if name:
+                    fire(self.registry.release.remote(name), "shrink pool")
+            self._surplus_since = None
+        if time.monotonic() >= self._health_due:
+            self._health_due = time.monotonic() + HEALTH_EVERY
+            await self._check_health()
+        self.metrics.warm.set(len(self.core.warm))
+        self.metrics.starting.set(self.core.starting)
+        self.metrics.waiting.set(self.core.waiting)
+
+    # -- starting containers ---------------------------------------------------
+
+    async def _refill_one(self) -> None:
+        ok = False
+        try:
+            rec = await self.registry.reserve.remote(self.type.name, wait=self.core.waiting > 0)
+            if rec is None:  # at the instance limit with nobody waiting here: try again next tick
+                ok = True
+                return
+            rec = await self._start(ContainerModel.model_validate(rec), {})
+            ok = True
+            self._deliver(rec.container_name)
+        except CapacityError:
+            ok = True
+        except Exception as e:
+            logger.warning("refill of %s failed: %s", self.type.name, e)
+        finally:
+            self.core.start_ended(ok)
+            if not ok:
+                self._retry_at = time.monotonic() + self.core.backoff()
+
+    async def _start(self, rec: ContainerModel, environment: dict) -> ContainerModel:
+        """Create the container of a STARTING record; on failure free its slot and raise."""
+        name = rec.container_name
+        try:
+            async with self._starts:
+                t0 = time.perf_counter()
+                workspace = None
+                if rec.mount_dir:
+                    workspace = os.path.abspath(rec.mount_dir)
+                    os.makedirs(workspace, exist_ok=True)
+                    if rec.storage_path and self.storage is not None:
+                        await self.storage.download_folder_async(rec.storage_path, workspace)
+                spec = ContainerSpec(
+                    name=name,
+                    image=self.type.image,
+                    token=rec.runtime_token,
+                    labels=labels_for(rec, self.ns),
+                    environment={**self.type.environment, **environment},
+                    workspace=workspace,
+                    readonly_mounts={os.path.abspath(h): c for h, c in (self.config.readonly_mounts or {}).items()},
+                    cpus=self.type.cpus,
+                    memory=self.type.memory,
+                    pids_limit=self.type.pids_limit,
+                    network_mode=self.type.network_mode,
+                )
+                handle = await self.driver.create(spec)
+                self.metrics.start_ms.observe((time.perf_counter() - t0) * 1000)
+        except BaseException as e:
+            self.failed_total += 1
+            fire(self.registry.start_failed.remote(name), "start_failed")
+            if isinstance(e, CorralError) or not isinstance(e, Exception):
+                raise
+            raise DriverError(f"could not start {name}: {type(e).__name__}: {e}") from None
+        self._boxes[name] = (handle.container_id, handle.url, rec.runtime_token)
+        self.started_total += 1
+        try:
+            out = await self.registry.started.remote(name, handle.container_id, handle.url, handle.ports)
+        except BaseException:
+            fire(self.driver.remove(handle.container_id), "remove after failed registration")
+            raise
+        return ContainerModel.model_validate(out)
+
+    def _deliver(self, name: str) -> None:
+        """A warm container is ready: the longest waiter gets it, else it joins the pool."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(name)
+                return
+        self.core.put(name)
+
+    # -- the hot path ----------------------------------------------------------
+
+    async def acquire(self, session_ctx_id: Optional[str] = None, meta: Optional[dict] = None,
+                      timeout: Optional[float] = None) -> dict:
+        """A warm container bound to ``session_ctx_id`` (RUNNING). Waits in line when none is warm."""
+        await self._ready()
+        t0 = time.perf_counter()
+        timeout = self.config.acquire_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            name = self.core.take()
+            if name is None:
+                name = await self._wait_for_warm(deadline, timeout)
+            try:
+                rec = await self.registry.claim.remote(name, session_ctx_id, meta)
+            except (Conflict, NotFound):
+                self._boxes.pop(name, None)
+                continue  # released under us (cleanup, health): take the next one
+            if self.core.deficit():
+                self._ticker.kick()
+            self.metrics.acquire_ms.observe((time.perf_counter() - t0) * 1000)
+            return rec
+
+    async def _wait_for_warm(self, deadline: float, timeout: float) -> str:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self.core.waiting += 1
+        self._ticker.kick()
+        try:
+            return await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise CapacityError(
+                f"no warm {self.type.name!r} sandbox within {timeout:.0f}s "
+                f"(warm={len(self.core.warm)}, starting={self.core.starting}, waiting={self.core.waiting})"
+            ) from None
+        finally:
+            self.core.waiting -= 1
+            if not fut.done():
+                fut.cancel()
+            try:
+                self._waiters.remove(fut)
+            except ValueError:
+                pass
+
+    async def create(self, session_ctx_id: Optional[str] = None, meta: Optional[dict] = None,
+                     mount_dir: Optional[str] = None, storage_path: Optional[str] = None,
+                     environment: Optional[dict] = None, restoring: bool = False,
+                     timeout: Optional[float] = None) -> dict:
+        """A new container (cold): for a mount dir, a restore, or a pool-less type. Waits for a slot."""
+        await self._ready()
+        env = check_env(environment)
+        rec = await self.registry.reserve.remote(
+            self.type.name, session_ctx_id, meta, mount_dir, storage_path, True, timeout
+        )
+        rec = await self._start(ContainerModel.model_validate(rec), env)
+        return rec.model_dump(mode="json")
+
+    # -- teardown, reset, health -----------------------------------------------
+
+    async def teardown(self, record: dict, action: str, upload: bool) -> str:
+        """Carry out a registry decision: 'destroy', 'recycle' (keep the workspace) or 'reset' (reuse)."""
+        await self._ready()
+        rec = ContainerModel.model_validate(record)
+        name = rec.container_name
+        self.core.discard(name)
+        if upload and self.storage is not None and rec.mount_dir and rec.storage_path:
+            try:
+                await self.storage.upload_folder_async(rec.mount_dir, rec.storage_path)
+            except Exception as e:  # the container still goes; the failure is logged, not hidden
+                logger.warning("upload of %s to %s failed: %s", name, rec.storage_path, e)
+        if action == "reset":
+            ok = await self._reset(rec)
+            back = await self.registry.reset_done.remote(name, ok)
+            if ok and back is not None:
+                self._deliver(name)
+                return "reset"
+            action = "destroy"
+        self._boxes.pop(name, None)
+        if rec.container_id:
+            await self.driver.remove(rec.container_id)
+        if action == "destroy":
+            self._remove_own_mount(rec)
+        self._ticker.kick()
+        return action
+
+    async def _reset(self, rec: ContainerModel) -> bool:
+        from corral.client import AsyncBoxClient
+
+        if not rec.url:
+            return False
+        try:
+            async with AsyncBoxClient(rec.url, rec.runtime_token, http_client=self._http) as box:
+                await box.reset()
+            return True
+        except Exception as e:
+            logger.warning("reset of %s failed, destroying it: %s", rec.container_name, e)
+            return False
+
+    def _remove_own_mount(self, rec: ContainerModel) -> None:
+        """Delete a workspace corral made under default_mount_dir (never a user's mount dir)."""
+        if not rec.mount_dir or not self.config.default_mount_dir:
+            return
+        base = os.path.realpath(self.config.default_mount_dir)
+        path = os.path.realpath(rec.mount_dir)
+        if os.path.dirname(path) == base and os.path.basename(path) == rec.session_id:
+            shutil.rmtree(path, ignore_errors=True)
+
+    async def _check_health(self) -> None:
+        """Drop warm containers whose box does not answer, or whose image is outdated."""
+        for name in list(self.core.warm):
+            cid, url, token = self._boxes.get(name, (None, None, None))
+            healthy = False
+            if url and url.startswith("http"):
+                try:
+                    r = await self._http.get(f"{url}/v1/healthz", headers={"Authorization": f"Bearer {token}"},
+                                             timeout=2.0)
+                    healthy = r.status_code == 200
+                except Exception:
+                    healthy = False
+            elif cid:
+                healthy = (await self.driver.status(cid)) == "running"
+            if not healthy and self.core.discard(name):
+                logger.warning("warm container %s is unhealthy; replacing it", name)
+                fire(self.registry.release.remote(name), "drop unhealthy")
+
+    # -- control ---------------------------------------------------------------
+
+    async def reserve(self, n: int) -> dict:
+        """Grow the warm target by ``n`` ahead of a burst (consumed as acquires take them)."""
+        await self._ready()
+        self.core.reserve(n)
+        self._ticker.kick()
+        return self.core.stats()
+
+    async def set_target(self, n: int) -> dict:
+        await self._ready()
+        self.core.set_target(n)
+        self._ticker.kick()
+        return self.core.stats()
+
+    async def wait_warm(self, n: Optional[int] = None, timeout: float = 120.0) -> dict:
+        """Return once ``n`` (default: the target) containers are warm; CapacityError on timeout."""
+        await self._ready()
+        n = self.core.target if n is None else n
+        deadline = time.monotonic() + timeout
+        while len(self.core.warm) < n:
+            if time.monotonic() > deadline:
+                raise CapacityError(f"pool {self.type.name!r}: {len(self.core.warm)} of {n} warm after {timeout:.0f}s")
+            self._ticker.kick()
+            await asyncio.sleep(0.05)
+        return self.core.stats()
+
+    async def container_op(self, op: str, container_id: Optional[str]) -> str:
+        """The reference's start / stop / get_status on one container; returns its status after."""
+        await self._ready()
+        if op not in ("start", "stop", "status"):
+            raise InvalidRequest(f"unknown container operation {op!r}")
+        if not container_id:
+            return "missing"
+        if op == "start":
+            await self.driver.start(container_id)
+        elif op == "stop":
+            await self.driver.stop(container_id)
+        return await self.driver.status(container_id)
+
+    async def stats(self) -> dict:
+        await self._ready()
+        return {**self.core.stats(), "started_total": self.started_total, "failed_total": self.failed_total,
+                "tick_errors": self._ticker.errors}

@@ -1,0 +1,336 @@
+"""The box's stateful Python: one real Jupyter kernel (jupyter_client + ipykernel).
+
+:class:`Kernel` owns the kernel process, its kernelspec (written to a private
+state dir so the kernel runs on *this* interpreter, whatever kernelspecs the
+machine has) and the client channels. Cells run one at a time under a lock,
+so their outputs never mix. A cell that outlives its timeout is interrupted;
+a kernel that dies during a cell is restarted and the cell answers ``died``.
+
+Latency: a cell's messages are awaited with the channels' async ``get_msg``
+(a zmq poll that returns as soon as a message lands), never with sleeps; the
+poll timeout only bounds how often a silent kernel is checked for death.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from ..errors import SandboxError
+
+__all__ = ["Kernel", "KERNEL_NAME"]
+
+logger = logging.getLogger(__name__)
+
+KERNEL_NAME = "corral-python"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+#: How often a silent cell checks that its kernel is still alive.
+_LIVENESS_EVERY = 0.2
+#: After an interrupt, how long the kernel gets to report idle before it is restarted.
+_INTERRUPT_GRACE = 5.0
+_STARTUP_TIMEOUT = 60.0
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+class Kernel:
+    """Owns one ipykernel process and its client; restartable, closeable.
+
+    ``env`` is called at every (re)start for the kernel's environment, so a
+    restarted kernel sees the current session env. ``close()`` is idempotent.
+    """
+
+    def __init__(self, cwd: str, state_dir: Path, env: Callable[[], dict[str, str]]) -> None:
+        self._cwd = cwd
+        self._state_dir = Path(state_dir)
+        self._env = env
+        self._lock = asyncio.Lock()
+        self._km: Optional[AsyncKernelManager] = None
+        self._kc: Any = None
+        self._starting: Optional[asyncio.Task] = None
+        self._closed = False
+        self._generation = 0
+        self._spec_dir = self._write_spec()
+
+    # --- lifecycle ---
+
+    def _write_spec(self) -> Path:
+        kernels = self._state_dir / "kernels"
+        spec = kernels / KERNEL_NAME
+        spec.mkdir(parents=True, exist_ok=True)
+        (spec / "kernel.json").write_text(
+            json.dumps(
+                {
+                    "argv": [
+                        sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                        # History lives in SQLite under $HOME: a write per cell, and files in the user's tmp dir.
+                        "--HistoryManager.enabled=False",
+                    ],
+                    "display_name": "corral python",
+                    "language": "python",
+                    "interrupt_mode": "signal",
+                }
+            )
+        )
+        return kernels
+
+    def start_background(self) -> None:
+        """Start the kernel without waiting (a warm box answers its first cell fast)."""
+        if self._starting is None and not self._closed:
+            self._starting = asyncio.ensure_future(self._start())
+
+    async def _ensure(self) -> None:
+        if self._closed:
+            raise SandboxError("the box is shutting down; its kernel is closed")
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        try:
+            await asyncio.shield(self._starting)
+        except Exception:
+            # A failed start is not cached: the next call tries again.
+            self._starting = None
+            raise
+
+    async def _start(self) -> None:
+        self._generation += 1
+        env = {**self._env(), "MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+        ksm = KernelSpecManager(kernel_dirs=[str(self._spec_dir)])
+        km = AsyncKernelManager(
+            kernel_name=KERNEL_NAME,
+            kernel_spec_manager=ksm,
+            connection_file=str(self._state_dir / f"kernel-{self._generation}.json"),
+            # Unix sockets in the private state dir: faster than loopback TCP and not reachable by port.
+            transport="ipc",
+        )
+        try:
+            await km.start_kernel(env=env, cwd=self._cwd)
+            kc = km.client()
+            kc.start_channels()
+            await kc.wait_for_ready(timeout=_STARTUP_TIMEOUT)
+        except Exception as exc:
+            try:
+                await km.shutdown_kernel(now=True)
+            except Exception:
+                pass
+            raise SandboxError(f"the Python kernel failed to start: {exc}") from exc
+        self._km, self._kc = km, kc
+
+    async def _stop(self) -> None:
+        km, kc = self._km, self._kc
+        self._km = self._kc = None
+        self._starting = None
+        if kc is not None:
+            try:
+                kc.stop_channels()
+            except Exception:
+                pass
+        if km is not None:
+            try:
+                await km.shutdown_kernel(now=True)
+            except Exception as exc:  # already dead: nothing to stop
+                logger.debug("kernel shutdown: %s", exc)
+
+    async def _restart_unlocked(self) -> None:
+        await self._stop()
+        await self._ensure()
+
+    async def restart(self, wait: bool = True) -> None:
+        """Kill the kernel and start a fresh one (all state lost).
+
+        A running cell is interrupted first (it answers with its
+        KeyboardInterrupt), so a restart never waits out a long cell. With
+        ``wait=False`` the new kernel boots in the background and the next
+        cell waits for it.
+        """
+        if self._lock.locked() and self._km is not None:
+            try:
+                await self._km.interrupt_kernel()
+            except Exception:
+                pass
+        async with self._lock:
+            await self._stop()
+            if wait:
+                await self._ensure()
+            else:
+                self.start_background()
+
+    async def alive(self) -> bool:
+        km = self._km
+        return km is not None and await km.is_alive()
+
+    async def close(self) -> None:
+        """Kill the kernel for good. Idempotent."""
+        self._closed = True
+        starting = self._starting
+        if starting is not None and not starting.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(starting), _STARTUP_TIMEOUT)
+            except Exception:
+                pass
+        await self._stop()
+
+    # --- cells ---
+
+    async def execute(self, code: str, timeout: float = 60.0) -> dict:
+        """Run one cell; returns the /v1/python result dict (never raises for the cell's own failure)."""
+        async with self._lock:
+            return await self._execute(code, timeout, silent=False)
+
+    async def run_silent(self, code: str, timeout: float = 30.0) -> dict:
+        async with self._lock:
+            return await self._execute(code, timeout, silent=True)
+
+    async def set_env(self, env: dict[str, str]) -> None:
+        """Apply ``env`` to the kernel's ``os.environ`` (silently: no history, no output)."""
+        if not env or self._closed:
+            return
+        payload = json.dumps(json.dumps(env))
+        await self.run_silent(f"__import__('os').environ.update(__import__('json').loads({payload}))")
+
+    async def reset_namespace(self, base_env: dict[str, str]) -> None:
+        """Forget every variable and put ``os.environ`` back to ``base_env`` (kernel kept)."""
+        payload = json.dumps(json.dumps(base_env))
+        await self.run_silent(
+            "get_ipython().run_line_magic('reset', '-f')\n"
+            f"import os as _o, json as _j; _o.environ.clear(); _o.environ.update(_j.loads({payload})); del _o, _j"
+        )
+
+    async def _execute(self, code: str, timeout: float, silent: bool) -> dict:
+        start = time.perf_counter()
+        await self._ensure()
+        km, kc = self._km, self._kc
+        if not await km.is_alive():
+            # Died between cells (e.g. a thread called os._exit): start fresh before running.
+            await self._restart_unlocked()
+            km, kc = self._km, self._kc
+        msg_id = kc.execute(code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=False)
+        out = _Cell()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        status = "ok"
+        while not out.idle:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                status = "timeout"
+                await self._interrupt(kc, km, msg_id, out)
+                break
+            try:
+                msg = await kc.get_iopub_msg(timeout=min(remaining, _LIVENESS_EVERY))
+            except queue.Empty:
+                if not await km.is_alive():
+                    status = "died"
+                    break
+                continue
+            if msg.get("parent_header", {}).get("msg_id") == msg_id:
+                out.take(msg)
+        if status == "died":
+            await self._restart_unlocked()
+            out.stderr.append(
+                "corral: the Python kernel died while running this cell; it was restarted and its state is lost\n"
+            )
+        elif out.idle:
+            await self._drain_reply(kc, msg_id, out)
+        if status == "ok" and out.error is not None:
+            status = "error"
+        return {
+            "status": status,
+            "stdout": "".join(out.stdout),
+            "stderr": "".join(out.stderr),
+            "result": out.result,
+            "display": out.display,
+            "error": out.error if status == "error" else None,
+            "execution_count": out.execution_count,
+            "duration_ms": (time.perf_counter() - start) * 1000,
+        }
+
+    async def _interrupt(self, kc: Any, km: AsyncKernelManager, msg_id: str, out: "_Cell") -> None:
+        """Interrupt a cell past its deadline; restart the kernel if it does not come back."""
+        try:
+            await km.interrupt_kernel()
+        except Exception as exc:
+            logger.warning("kernel interrupt failed: %s", exc)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _INTERRUPT_GRACE
+        # Collect up to idle, but drop the KeyboardInterrupt the interrupt itself raised.
+        probe = _Cell()
+        while not probe.idle and loop.time() < deadline:
+            try:
+                msg = await kc.get_iopub_msg(timeout=min(_LIVENESS_EVERY, max(0.01, deadline - loop.time())))
+            except queue.Empty:
+                if not await km.is_alive():
+                    break
+                continue
+            if msg.get("parent_header", {}).get("msg_id") == msg_id:
+                probe.take(msg)
+        out.stdout.extend(probe.stdout)
+        out.stderr.extend(probe.stderr)
+        out.display.extend(probe.display)
+        if probe.idle:
+            await self._drain_reply(kc, msg_id, out)
+        else:
+            await self._restart_unlocked()
+            out.stderr.append("corral: the kernel did not stop after an interrupt; it was restarted and its state is lost\n")
+
+    @staticmethod
+    async def _drain_reply(kc: Any, msg_id: str, out: "_Cell") -> None:
+        # The execute_reply normally lands before idle; reading it keeps the shell queue empty.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                reply = await kc.get_shell_msg(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            if reply.get("parent_header", {}).get("msg_id") == msg_id:
+                count = reply.get("content", {}).get("execution_count")
+                if out.execution_count is None and isinstance(count, int):
+                    out.execution_count = count
+                return
+
+
+class _Cell:
+    """What one cell sent on iopub."""
+
+    __slots__ = ("stdout", "stderr", "result", "display", "error", "execution_count", "idle")
+
+    def __init__(self) -> None:
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.result: Optional[dict] = None
+        self.display: list[dict] = []
+        self.error: Optional[dict] = None
+        self.execution_count: Optional[int] = None
+        self.idle = False
+
+    def take(self, msg: dict) -> None:
+        kind = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
+        content = msg.get("content", {})
+        if kind == "stream":
+            (self.stderr if content.get("name") == "stderr" else self.stdout).append(content.get("text", ""))
+        elif kind == "execute_result":
+            self.result = content.get("data")
+            self.execution_count = content.get("execution_count", self.execution_count)
+        elif kind in ("display_data", "update_display_data"):
+            self.display.append(content.get("data", {}))
+        elif kind == "error":
+            self.error = {
+                "ename": content.get("ename", ""),
+                "evalue": content.get("evalue", ""),
+                "traceback": [_strip_ansi(line) for line in content.get("traceback", [])],
+            }
+        elif kind == "execute_input":
+            self.execution_count = content.get("execution_count", self.execution_count)
+        elif kind == "status" and content.get("execution_state") == "idle":
+            self.idle = True

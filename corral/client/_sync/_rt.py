@@ -1,0 +1,14 @@
+"""Runtime shims for the sync client (hand-written; scripts/unasync.py skips ``_rt.py``).
+
+The async side has its own ``_rt.py`` with the same names.
+"""
+
+from __future__ import annotations
+
+import time
+
+__all__ = ["sleep"]
+
+
+def sleep(seconds: float) -> None:
+    time.sleep(seconds)

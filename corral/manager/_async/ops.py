@@ -1,0 +1,290 @@
+"""AsyncOps: the reference manager's operations, on corral's actors.
+
+What it owns: nothing durable. It holds the actor handles of one namespace
+(a :class:`corral.manager.cluster.Cluster`), one shared HTTP connection pool
+for the boxes, and validates every argument before any actor is called, so bad
+input raises a clear corral error and creates nothing.
+
+Each operation has the reference's name and arguments. Differences, on
+purpose: errors are exceptions from corral's tree (never a string or None in
+place of a value); ``create`` with an env takes a warm container and applies
+the env instead of starting one cold; an acquire at the instance limit waits
+in line (``acquire_timeout``) instead of returning None.
+
+This module is the source of the generated sync ``Ops`` (scripts/unasync.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import httpx
+import shortuuid
+
+from corral.client import AsyncBoxClient
+from corral.client._errors import error_from_response, transport_errors
+from corral.errors import InvalidRequest, NotFound, SandboxGone
+from corral.models import SESSION_ID_ALPHABET, check_env
+
+from . import _rt
+from .sandbox import AsyncSandbox
+
+__all__ = ["AsyncOps", "REFERENCE_TOOLS"]
+
+#: Tools every box serves besides its MCP servers (the reference's generic tools).
+REFERENCE_TOOLS = ("run_ipython_cell", "run_shell_command")
+#: The reference's routes have no timeout of their own; corral's client waits this long.
+REFERENCE_TIMEOUT = 600.0
+
+
+def _meta(meta: Any) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise InvalidRequest(f"meta must be a dict, got {type(meta).__name__}")
+    sid = meta.get("session_ctx_id")
+    if sid is not None and (not isinstance(sid, str) or not sid):
+        raise InvalidRequest(f"meta.session_ctx_id must be a non-empty string, got {sid!r}")
+    return dict(meta)
+
+
+def _ident(identity: Any, what: str = "identity") -> str:
+    if not isinstance(identity, str) or not identity:
+        raise InvalidRequest(f"{what} must be a non-empty string, got {identity!r}")
+    return identity
+
+
+class AsyncOps:
+    """The operations (see the module docstring)."""
+
+    def __init__(self, cluster: Any, owned: Optional[set] = None) -> None:
+        self._cluster = cluster
+        self.config = cluster.config
+        self.owned = owned if owned is not None else set()  # names this manager created and has not released
+        self._http = httpx.AsyncClient(
+            trust_env=False, timeout=30.0,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+        self._boxes: dict[str, AsyncBoxClient] = {}
+
+    async def aclose(self) -> None:
+        self._boxes.clear()
+        await self._http.aclose()
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _box(self, record: dict) -> AsyncBoxClient:
+        name = record["container_name"]
+        box = self._boxes.get(name)
+        if box is None or box.base_url != (record.get("url") or "").rstrip("/"):
+            if not record.get("url") or not record.get("runtime_token"):
+                raise SandboxGone(f"sandbox {name} has no running box (state {record.get('state')})")
+            box = AsyncBoxClient(record["url"], record["runtime_token"], http_client=self._http)
+            self._boxes[name] = box
+        return box
+
+    async def _live(self, identity: str) -> dict:
+        """The record of a usable container: a reaped session is restored first (the reference's touch)."""
+        rec = await self.get_info(identity)
+        state = rec.get("state")
+        if state == "RECYCLED" and rec.get("session_ctx_id"):
+            await self.restore_session(rec["session_ctx_id"])
+            rec = await self.get_info(identity)
+            state = rec.get("state")
+        if state not in ("RUNNING", "WARM"):
+            raise SandboxGone(f"sandbox {identity} is {state}")
+        return rec
+
+    async def _reference_call(self, identity: str, method: str, path: str, body: Optional[dict] = None) -> Any:
+        """A call to one of the box's /fastapi routes, answered in the reference's shape."""
+        rec = await self._live(_ident(identity))
+        url = rec["url"].rstrip("/") + path
+        headers = {"Authorization": f"Bearer {rec['runtime_token']}"}
+        with transport_errors(method, url):
+            r = await self._http.request(method, url, json=body, headers=headers, timeout=REFERENCE_TIMEOUT)
+        if r.status_code >= 400:
+            raise error_from_response(r)
+        return r.json() if r.content else None
+
+    # -- create / acquire / release ----------------------------------------------
+
+    async def create(
+        self,
+        sandbox_type: Optional[str] = None,
+        mount_dir: Optional[str] = None,
+        storage_path: Optional[str] = None,
+        environment: Optional[dict] = None,
+        meta: Optional[dict] = None,
+    ) -> str:
+        """Start a sandbox and return its container name.
+
+        With no mount dir or storage path, a warm container of the type's pool
+        is taken (the env applied to it); otherwise one is started cold.
+        """
+        t = self.config.sandbox_type(sandbox_type)
+        env = check_env(environment)
+        m = _meta(meta)
+        if mount_dir is not None and not self.config.allow_mount_dir:
+            raise InvalidRequest("mount_dir given but allow_mount_dir is False in the manager's config")
+        if storage_path is not None and not isinstance(storage_path, str):
+            raise InvalidRequest(f"storage_path must be a string, got {type(storage_path).__name__}")
+        if mount_dir is None and storage_path is None and self.config.pool_target(t.name) > 0:
+            rec = await self._acquire_record(t.name, m.get("session_ctx_id"), m, env, None)
+            return rec["container_name"]
+        pool = self._cluster.pool(t.name)
+        rec = await _rt.call(pool.create.remote(
+            session_ctx_id=m.get("session_ctx_id"), meta=m, mount_dir=mount_dir,
+            storage_path=storage_path, environment=env,
+        ))
+        self.owned.add(rec["container_name"])
+        return rec["container_name"]
+
+    async def create_from_pool(self, sandbox_type: Optional[str] = None, meta: Optional[dict] = None) -> str:
+        """Take a warm container of the type and bind it to ``meta['session_ctx_id']``."""
+        t = self.config.sandbox_type(sandbox_type)
+        m = _meta(meta)
+        rec = await self._acquire_record(t.name, m.get("session_ctx_id"), m, {}, None)
+        return rec["container_name"]
+
+    async def _acquire_record(self, sandbox_type: str, session_ctx_id: Optional[str], meta: dict,
+                              env: dict, timeout: Optional[float]) -> dict:
+        pool = self._cluster.pool(sandbox_type)
+        rec = await _rt.call(pool.acquire.remote(session_ctx_id, meta, timeout))
+        self.owned.add(rec["container_name"])
+        if env:
+            try:
+                await self._box(rec).set_env(env)
+            except BaseException:
+                await self.release(rec["container_name"])
+                raise
+        return rec
+
+    async def acquire(
+        self,
+        sandbox_type: Optional[str] = None,
+        session_ctx_id: Optional[str] = None,
+        env: Optional[dict] = None,
+        timeout: Optional[float] = None,
+        meta: Optional[dict] = None,
+    ) -> AsyncSandbox:
+        """A warm sandbox bound to a session (a new session id when none is given), as a handle."""
+        t = self.config.sandbox_type(sandbox_type)
+        if session_ctx_id is None:
+            session_ctx_id = "s-" + shortuuid.ShortUUID(alphabet=SESSION_ID_ALPHABET).random(16)
+        _ident(session_ctx_id, "session_ctx_id")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise InvalidRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
+        m = {**_meta(meta), "session_ctx_id": session_ctx_id}
+        rec = await self._acquire_record(t.name, session_ctx_id, m, check_env(env), timeout)
+        return AsyncSandbox(self, rec, self._box(rec))
+
+    async def release(self, identity: str) -> bool:
+        """Release a sandbox by container name or session_id; returns at once (teardown continues). Unknown: True."""
+        ident = _ident(identity)
+        for key in (ident, self.config.container_prefix_key + ident):
+            self._boxes.pop(key, None)
+            self.owned.discard(key)
+        return await _rt.call(self._cluster.registry.release.remote(ident))
+
+    async def reserve(self, sandbox_type: Optional[str] = None, n: int = 1, wait: bool = False,
+                      timeout: float = 120.0) -> dict:
+        """Grow a pool by ``n`` warm sandboxes ahead of a burst; ``wait`` until they are warm."""
+        t = self.config.sandbox_type(sandbox_type)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > 4096:
+            raise InvalidRequest(f"n must be an integer in 0..4096, got {n!r}")
+        pool = self._cluster.pool(t.name)
+        stats = await _rt.call(pool.reserve.remote(n))
+        if wait:
+            stats = await _rt.call(pool.wait_warm.remote(stats["target"], timeout))
+        return stats
+
+    # -- backend -----------------------------------------------------------------
+
+    async def _container_op(self, identity: str, op: str) -> Any:
+        rec = await self.get_info(_ident(identity))
+        pool = self._cluster.pool(rec.get("sandbox_type"))
+        return await _rt.call(pool.container_op.remote(op, rec.get("container_id")))
+
+    async def start(self, identity: str) -> bool:
+        return (await self._container_op(identity, "start")) == "running"
+
+    async def stop(self, identity: str) -> bool:
+        return (await self._container_op(identity, "stop")) in ("exited", "missing")
+
+    async def get_status(self, identity: str) -> str:
+        return await self._container_op(identity, "status")
+
+    async def get_info(self, identity: str) -> dict:
+        """The record (following ``redirect_to``). Unknown: NotFound."""
+        return await _rt.call(self._cluster.registry.get_info.remote(_ident(identity)))
+
+    # -- tools (proxied to the box; each one is activity for its session) ---------
+
+    async def check_health(self, identity: str) -> bool:
+        rec = await self._live(_ident(identity))
+        await self._box(rec).healthz()
+        return True
+
+    async def list_tools(self, identity: str, tool_type: Optional[str] = None) -> dict:
+        tools = await self._reference_call(identity, "GET", "/fastapi/mcp/list_tools")
+        out = {"generic": {name: {"name": name} for name in REFERENCE_TOOLS}, **(tools or {})}
+        if tool_type is not None:
+            return {tool_type: out.get(tool_type, {})}
+        return out
+
+    async def call_tool(self, identity: str, tool_name: str, arguments: Optional[dict] = None) -> Any:
+        _ident(tool_name, "tool_name")
+        if arguments is not None and not isinstance(arguments, dict):
+            raise InvalidRequest(f"arguments must be a dict, got {type(arguments).__name__}")
+        if tool_name in REFERENCE_TOOLS:
+            return await self._reference_call(identity, "POST", f"/fastapi/tools/{tool_name}", arguments or {})
+        return await self._reference_call(identity, "POST", "/fastapi/mcp/call_tool",
+                                          {"tool_name": tool_name, "arguments": arguments or {}})
+
+    async def add_mcp_servers(self, identity: str, server_configs: dict, overwrite: bool = False) -> Any:
+        if not isinstance(server_configs, dict):
+            raise InvalidRequest(f"server_configs must be a dict, got {type(server_configs).__name__}")
+        return await self._reference_call(identity, "POST", "/fastapi/mcp/add_servers",
+                                          {"server_configs": server_configs, "overwrite": bool(overwrite)})
+
+    # -- sessions ----------------------------------------------------------------
+
+    async def get_session_mapping(self, session_ctx_id: str) -> list:
+        return await _rt.call(self._cluster.registry.get_session_mapping.remote(_ident(session_ctx_id, "session_ctx_id")))
+
+    async def list_session_keys(self) -> list:
+        return await _rt.call(self._cluster.registry.list_session_keys.remote())
+
+    async def heartbeat(self, session_ctx_id: str) -> bool:
+        return await _rt.call(self._cluster.registry.heartbeat.remote(_ident(session_ctx_id, "session_ctx_id")))
+
+    async def reap_session(self, session_ctx_id: str, reason: str = "heartbeat_timeout") -> bool:
+        return await _rt.call(self._cluster.registry.reap_session.remote(_ident(session_ctx_id, "session_ctx_id"), reason))
+
+    async def restore_session(self, session_ctx_id: str) -> list:
+        """Bring a reaped session back (same workspace, new containers); returns its container names."""
+        return await _rt.call(self._cluster.registry.restore_session.remote(_ident(session_ctx_id, "session_ctx_id")))
+
+    async def cleanup(self) -> list:
+        """Release every non-terminal sandbox of this namespace (pools included); returns their names."""
+        self._boxes.clear()
+        return await _rt.call(self._cluster.registry.cleanup.remote())
+
+    async def release_owned(self) -> list:
+        """Release every sandbox this manager created and has not released (its context exit)."""
+        names = sorted(self.owned)
+        for name in names:
+            await self.release(name)
+        return names
+
+    # -- observability -----------------------------------------------------------
+
+    async def status(self) -> dict:
+        """Pools, sessions and containers of this namespace."""
+        reg = await _rt.call(self._cluster.registry.status.remote())
+        names = list(self._cluster.pools)
+        stats = await _rt.gather([self._cluster.pools[n].stats.remote() for n in names])
+        reg["pools"] = dict(zip(names, stats))
+        reg["at"] = time.time()
+        return reg

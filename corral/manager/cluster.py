@@ -1,0 +1,140 @@
+"""Joining Ray and finding (or starting) corral's actors.
+
+What it owns: the decision to join a running Ray cluster or start a local one,
+and the handles of the RegistryActor and one PoolActor per sandbox type, all
+in one Ray namespace. The first process to start the actors fixes their
+configuration; later processes with the same namespace join them (a changed
+``pool_size`` is applied to the running pools).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import ray
+
+from corral.errors import InvalidRequest, NotFound
+from corral.models import SandboxManagerEnvConfig
+
+__all__ = ["Cluster", "connect", "down", "resolve_paths", "ensure_ray"]
+
+logger = logging.getLogger("corral")
+
+
+def resolve_paths(config: SandboxManagerEnvConfig) -> SandboxManagerEnvConfig:
+    """A copy whose host paths are absolute: actors run in other processes and other directories."""
+    upd: dict[str, Any] = {"state_dir": os.path.abspath(config.state_dir)}
+    if config.default_mount_dir:
+        upd["default_mount_dir"] = os.path.abspath(config.default_mount_dir)
+    if config.storage_folder and config.file_system == "local":
+        upd["storage_folder"] = os.path.abspath(config.storage_folder)
+    if config.readonly_mounts:
+        upd["readonly_mounts"] = {os.path.abspath(h): c for h, c in config.readonly_mounts.items()}
+    if config.driver is not None and config.driver.type == "process":
+        upd["driver"] = config.driver.model_copy(update={"root": os.path.abspath(config.driver.root)})
+    return config.model_copy(update=upd)
+
+
+def ensure_ray(address: Optional[str] = None, namespace: str = "corral") -> None:
+    """Join the cluster at ``address`` (or RAY_ADDRESS, or one running on this machine); else start a local one."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kw = dict(namespace=namespace, ignore_reinit_error=True, log_to_driver=False)
+    if address:
+        ray.init(address=address, **kw)
+        return
+    try:
+        ray.init(address="auto", **kw)
+    except (ConnectionError, RuntimeError, ValueError):
+        ray.init(include_dashboard=False, **kw)
+
+
+@dataclass
+class Cluster:
+    """Handles of one namespace's actors."""
+
+    config: SandboxManagerEnvConfig
+    registry: Any
+    pools: dict[str, Any] = field(default_factory=dict)
+
+    def pool(self, sandbox_type: Optional[str]) -> Any:
+        t = self.config.sandbox_type(sandbox_type).name  # raises UnknownSandboxType
+        try:
+            return self.pools[t]
+        except KeyError:
+            raise NotFound(f"no pool actor for sandbox type {t!r}") from None
+
+
+def connect(config: SandboxManagerEnvConfig, address: Optional[str] = None) -> Cluster:
+    """Get or create the registry and the pools of ``config``'s namespace."""
+    from corral.actors.common import REGISTRY_NAME, detached_options, pool_name
+    from corral.actors.pool_actor import PoolActor
+    from corral.actors.registry_actor import RegistryActor
+
+    if not isinstance(config, SandboxManagerEnvConfig):
+        raise InvalidRequest(f"config must be a SandboxManagerEnvConfig, got {type(config).__name__}")
+    config = resolve_paths(config)
+    ensure_ray(address, config.namespace)
+    raw = config.model_dump(mode="json")
+    registry = ray.remote(RegistryActor).options(**detached_options(REGISTRY_NAME, config.namespace)).remote(raw)
+    ray.get(registry.ping.remote())
+    pools = {}
+    for name in config.sandbox_types:
+        pools[name] = ray.remote(PoolActor).options(**detached_options(pool_name(name), config.namespace)).remote(
+            raw, name
+        )
+    ray.get([p.set_target.remote(config.pool_target(n)) for n, p in pools.items()])
+    return Cluster(config=config, registry=registry, pools=pools)
+
+
+def down(config: SandboxManagerEnvConfig, timeout: float = 30.0) -> dict:
+    """Release every sandbox of ``config``'s namespace, wait for the containers to go, stop its actors.
+
+    Returns what it removed: ``{"released": [names], "containers_left": n, "actors": n}``.
+    """
+    import time
+
+    from corral.actors.common import REGISTRY_NAME, SESSION_PREFIX, pool_name
+    from corral.drivers import make_driver
+    from corral.models import LABEL_MANAGED, LABEL_REGISTRY
+
+    config = resolve_paths(config)
+    ensure_ray(None, config.namespace)
+    out = {"released": [], "containers_left": 0, "actors": 0}
+    try:
+        registry = ray.get_actor(REGISTRY_NAME, namespace=config.namespace)
+    except ValueError:
+        registry = None
+    if registry is not None:
+        out["released"] = ray.get(registry.cleanup.remote())
+    driver = make_driver(config.driver_config())
+    labels = {LABEL_MANAGED: "true", LABEL_REGISTRY: config.namespace}
+
+    async def _left() -> list:
+        return [h for h in await driver.list(labels)]
+
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    left = asyncio.run(_left())
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = asyncio.run(_left())
+    for h in left:  # teardown did not finish in time: remove directly
+        asyncio.run(driver.remove(h.container_id))
+    out["containers_left"] = len(asyncio.run(_left()))
+    names = [REGISTRY_NAME] + [pool_name(t) for t in config.sandbox_types]
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") == config.namespace and (
+            entry["name"] in names or entry["name"].startswith(SESSION_PREFIX) or entry["name"].startswith("corral-pool-")
+        ):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=config.namespace), no_restart=True)
+                out["actors"] += 1
+            except ValueError:
+                pass
+    return out

@@ -1,0 +1,454 @@
+"""The Docker driver: each sandbox is a container of the box image, on docker-py.
+
+What it owns: nothing but the engine's view of corral's containers (every one
+carries the label ``corral.managed=true``; :meth:`DockerDriver.list` never
+reports any other container, so a reconciler that removes "what it does not
+know" cannot touch a user's unrelated containers). It keeps no records.
+
+Every docker-py call is blocking, so each runs through :func:`asyncio.to_thread`
+and the caller's event loop never waits on the engine. Docker's errors become
+corral's in one place, :func:`_mapped`.
+
+How a container is made (:meth:`DockerDriver.create`):
+
+- the box port 8000 is published on ``config.host_ip`` (127.0.0.1) with a port
+  the engine picks; the handle's url is ``http://127.0.0.1:<port>``;
+- ``spec.workspace`` is bind-mounted read-write at ``/workspace``, and the
+  driver chowns it (recursively) to the numeric ``config.user`` so the
+  non-root box can write there. That needs the driver to run as root, as it
+  does next to a rootful engine; otherwise the directory is left as it is and
+  must already be writable by that uid. Without ``spec.workspace`` (and with
+  a read-only root) ``/workspace`` is a tmpfs owned by that user, gone with
+  the container. ``spec.readonly_mounts`` are bound read-only and must exist
+  on the host;
+- security: ``cap_drop=["ALL"]`` and ``no-new-privileges`` (config
+  ``drop_capabilities``), the non-root ``config.user``, a read-only root
+  filesystem with a tmpfs on ``/tmp`` (mode 1777, ``config.tmpfs_size``; the
+  image points HOME and Jupyter's directories there);
+- limits: ``cpus`` -> NanoCpus, ``memory`` -> Memory, ``pids_limit``;
+- ready when ``GET /v1/healthz`` answers 200 to the token, polled every 20 ms
+  up to ``spec.ready_timeout``. On any failure (or cancellation) the container
+  is removed and :class:`corral.DriverError` carries its last log lines.
+
+Networks: ``network_mode`` None is Docker's default bridge; a user-defined
+network name works the same way. ``"none"``, ``"host"`` and
+``"container:<id>"`` are refused with :class:`corral.InvalidRequest`: without
+a published port on 127.0.0.1 the driver cannot reach the box at all (and
+corral never connects to a container's bridge address). For untrusted code,
+attach the sandbox to a user-defined network whose egress is firewalled.
+
+A restarted container may get a new host port (the engine picks one again on
+every start): after :meth:`DockerDriver.start`, take the url from
+:meth:`DockerDriver.inspect`.
+
+``stop`` and ``remove`` are idempotent; ``inspect`` of an unknown container is
+None and its ``status`` is ``"missing"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+import httpx
+
+from corral.errors import Conflict, CorralError, DriverError, InvalidRequest, NotFound
+from corral.models import LABEL_MANAGED
+
+from .base import BOX_PORT, ContainerHandle, ContainerSpec, Driver
+from .config import DockerDriverConfig
+
+__all__ = ["DockerDriver", "map_status"]
+
+T = TypeVar("T")
+
+_PORT_KEY = f"{BOX_PORT}/tcp"
+_READY_POLL = 0.02
+#: How often, while waiting for the box, the driver asks the engine whether
+#: the container is still running (a crashed box fails fast, not at timeout).
+_ALIVE_CHECK = 0.5
+#: start() waits this long for a restarted box (the protocol passes no timeout).
+_START_READY_TIMEOUT = 60.0
+_LOG_LINES = 30
+
+# Docker's states -> the reference's. A container being removed or "dead"
+# (a failed removal) can never run again, so it counts as gone.
+_STATUS = {
+    "created": "created",
+    "running": "running",
+    "restarting": "running",
+    "paused": "paused",
+    "exited": "exited",
+    "removing": "missing",
+    "dead": "missing",
+}
+
+_REFUSED_NETWORKS = ("none", "host")
+
+
+def map_status(docker_state: Optional[str]) -> str:
+    """The driver status for a Docker ``State.Status``; anything unknown is ``"missing"``."""
+    return _STATUS.get((docker_state or "").lower(), "missing")
+
+
+@contextlib.contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """Turn docker-py's exceptions into corral's: the one place this happens."""
+    import docker.errors as de
+    import requests.exceptions as rqe
+
+    try:
+        yield
+    except CorralError:
+        raise
+    except de.ImageNotFound as e:
+        raise DriverError(
+            f"{what}: image not found ({e.explanation or e}); build it with scripts/build-image.sh"
+        ) from None
+    except de.NotFound as e:
+        raise NotFound(f"{what}: {e.explanation or e}") from None
+    except de.APIError as e:
+        if e.status_code == 409:
+            raise Conflict(f"{what}: {e.explanation or e}") from None
+        if e.status_code == 400:
+            raise InvalidRequest(f"{what}: {e.explanation or e}") from None
+        raise DriverError(f"{what}: Docker engine error {e.status_code}: {e.explanation or e}") from None
+    except (de.DockerException, rqe.RequestException) as e:
+        raise DriverError(f"{what}: Docker engine unreachable or failing: {e}") from None
+
+
+def _parse_user(user: Optional[str]) -> Optional[tuple[int, int]]:
+    """(uid, gid) for a numeric ``uid[:gid]`` user, else None (names are not resolvable on the host)."""
+    if not user:
+        return None
+    uid, _, gid = user.partition(":")
+    if not uid.isdigit() or (gid and not gid.isdigit()):
+        return None
+    return int(uid), int(gid or uid)
+
+
+def _chown_tree(root: str, uid: int, gid: int) -> None:
+    """Give ``root`` and everything below it to uid:gid, touching only what differs."""
+    def fix(path: str) -> None:
+        st = os.lstat(path)
+        if st.st_uid != uid or st.st_gid != gid:
+            os.lchown(path, uid, gid)
+
+    fix(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            fix(os.path.join(dirpath, n))
+
+
+class DockerDriver(Driver):
+    """Starts, stops and lists box containers on one Docker engine.
+
+    Owns one docker-py client (made on first use, in a thread: connecting asks
+    the engine for its API version). Safe to share between tasks of one loop.
+    """
+
+    name = "docker"
+
+    def __init__(self, config: Optional[DockerDriverConfig] = None, *, client: Any = None) -> None:
+        self.config = config or DockerDriverConfig()
+        self._client = client
+        self._client_lock = asyncio.Lock()
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _make_client(self) -> Any:
+        import docker
+
+        with _mapped("connecting to the Docker engine"):
+            if self.config.base_url:
+                return docker.DockerClient(base_url=self.config.base_url)
+            return docker.from_env()
+
+    async def _api(self) -> Any:
+        """The low-level docker-py client (one HTTP call per method, no hidden reloads)."""
+        if self._client is None:
+            async with self._client_lock:
+                if self._client is None:
+                    self._client = await asyncio.to_thread(self._make_client)
+        return self._client.api
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        def run() -> T:
+            with _mapped(what):
+                return fn(*args, **kwargs)
+
+        return await asyncio.to_thread(run)
+
+    def _url_host(self) -> str:
+        # A box published on every interface is still reached through loopback.
+        return "127.0.0.1" if self.config.host_ip in ("0.0.0.0", "") else self.config.host_ip
+
+    def _handle_from_inspect(self, info: dict) -> ContainerHandle:
+        port = None
+        bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(_PORT_KEY) or []
+        for b in bindings:
+            if b.get("HostPort"):
+                port = int(b["HostPort"])
+                break
+        cfg = info.get("Config") or {}
+        return ContainerHandle(
+            container_id=info["Id"],
+            name=(info.get("Name") or "").lstrip("/"),
+            url=f"http://{self._url_host()}:{port}" if port else None,
+            ports=[port] if port else [],
+            status=map_status((info.get("State") or {}).get("Status")),
+            labels=cfg.get("Labels") or {},
+            image=cfg.get("Image"),
+        )
+
+    def _handle_from_list(self, row: dict) -> ContainerHandle:
+        port = None
+        for p in row.get("Ports") or []:
+            if p.get("PrivatePort") == BOX_PORT and p.get("PublicPort"):
+                port = int(p["PublicPort"])
+                break
+        names = row.get("Names") or [""]
+        return ContainerHandle(
+            container_id=row["Id"],
+            name=names[0].lstrip("/"),
+            url=f"http://{self._url_host()}:{port}" if port else None,
+            ports=[port] if port else [],
+            status=map_status(row.get("State")),
+            labels=row.get("Labels") or {},
+            image=row.get("Image"),
+        )
+
+    async def _logs(self, container_id: str) -> str:
+        try:
+            api = await self._api()
+            raw = await self._call("reading logs", api.logs, container_id, tail=_LOG_LINES)
+            text = raw.decode("utf-8", "replace").strip()
+            return text or "(no output)"
+        except CorralError as e:
+            return f"(logs unavailable: {e})"
+
+    # -- create --------------------------------------------------------------
+
+    def _check_spec(self, spec: ContainerSpec) -> None:
+        if not spec.token:
+            raise InvalidRequest("token is empty: the box refuses to start without a SECRET_TOKEN")
+        if not spec.name:
+            raise InvalidRequest("name is empty")
+        mode = spec.network_mode
+        if mode in _REFUSED_NETWORKS or (mode or "").startswith("container:"):
+            raise InvalidRequest(
+                f"network_mode {mode!r} is not supported by the docker driver: the box must be reachable "
+                f"through a port published on {self.config.host_ip}, which that mode does not allow; "
+                "use a user-defined network with its egress firewalled instead"
+            )
+        for host, target in spec.readonly_mounts.items():
+            if not os.path.isabs(target):
+                raise InvalidRequest(f"readonly_mounts: container path {target!r} must be absolute")
+            if not os.path.exists(host):
+                raise InvalidRequest(f"readonly_mounts: host path {host!r} does not exist")
+        if spec.cpus is not None and spec.cpus <= 0:
+            raise InvalidRequest(f"cpus must be > 0, got {spec.cpus}")
+        if spec.pids_limit is not None and spec.pids_limit <= 0:
+            raise InvalidRequest(f"pids_limit must be > 0, got {spec.pids_limit}")
+
+    def _prepare_workspace(self, workspace: str) -> None:
+        os.makedirs(workspace, exist_ok=True)
+        owner = _parse_user(self.config.user)
+        if owner is not None and os.geteuid() == 0:
+            _chown_tree(workspace, *owner)
+
+    def _run_kwargs(self, spec: ContainerSpec) -> dict:
+        cfg = self.config
+        volumes: dict[str, dict] = {}
+        if spec.workspace:
+            volumes[os.path.abspath(spec.workspace)] = {"bind": "/workspace", "mode": "rw"}
+        for host, target in spec.readonly_mounts.items():
+            volumes[os.path.abspath(host)] = {"bind": target, "mode": "ro"}
+        labels = {**spec.labels, LABEL_MANAGED: "true"}
+        # The token last: a caller's environment cannot replace it.
+        env = {**spec.environment, "SECRET_TOKEN": spec.token}
+        host_config: dict[str, Any] = dict(
+            port_bindings={BOX_PORT: (cfg.host_ip, None)},
+            binds=volumes,
+            network_mode=spec.network_mode,
+            nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
+            mem_limit=spec.memory,
+            pids_limit=spec.pids_limit,
+            read_only=cfg.read_only_root,
+        )
+        if cfg.read_only_root:
+            tmpfs = {"/tmp": f"rw,exec,nosuid,nodev,size={cfg.tmpfs_size},mode=1777"}
+            if not spec.workspace:
+                # The image's /workspace is on the read-only root: a sandbox
+                # without a host workspace gets a scratch one in memory.
+                owner = _parse_user(cfg.user)
+                mode = f"uid={owner[0]},gid={owner[1]},mode=0755" if owner else "mode=1777"
+                tmpfs["/workspace"] = f"rw,exec,nosuid,nodev,size={cfg.tmpfs_size},{mode}"
+            host_config["tmpfs"] = tmpfs
+        if cfg.drop_capabilities:
+            host_config["cap_drop"] = ["ALL"]
+            host_config["security_opt"] = ["no-new-privileges"]
+        return dict(
+            image=spec.image,
+            name=spec.name,
+            labels=labels,
+            environment=env,
+            user=cfg.user,
+            ports=[BOX_PORT],
+            detach=True,
+            host_config=host_config,
+        )
+
+    async def create(self, spec: ContainerSpec) -> ContainerHandle:
+        self._check_spec(spec)
+        api = await self._api()
+        if spec.workspace:
+            with _mapped("preparing the workspace"):
+                try:
+                    await asyncio.to_thread(self._prepare_workspace, os.path.abspath(spec.workspace))
+                except OSError as e:
+                    raise DriverError(f"cannot prepare workspace {spec.workspace!r}: {e}") from None
+        kw = self._run_kwargs(spec)
+        host_config = kw.pop("host_config")
+
+        def make() -> str:
+            import docker.errors
+
+            try:
+                hc = api.create_host_config(**{k: v for k, v in host_config.items() if v is not None})
+            except (docker.errors.DockerException, ValueError, TypeError) as e:
+                # docker-py checks values such as memory="lots" before any call.
+                raise InvalidRequest(f"container {spec.name}: invalid settings: {e}") from None
+            with _mapped(f"creating container {spec.name}"):
+                return api.create_container(host_config=hc, **kw)["Id"]
+
+        making = asyncio.ensure_future(asyncio.to_thread(make))
+        try:
+            container_id = await asyncio.shield(making)
+        except asyncio.CancelledError:
+            # The engine goes on creating it in the thread: wait for that, then remove it.
+            await asyncio.shield(self._discard(making))
+            raise
+        try:
+            await self._call(f"starting container {spec.name}", api.start, container_id)
+            info = await self._call(f"inspecting container {spec.name}", api.inspect_container, container_id)
+            handle = self._handle_from_inspect(info)
+            if handle.url is None:
+                raise DriverError(f"container {spec.name} has no port published for {_PORT_KEY}")
+            await self._wait_ready(container_id, spec.name, handle.url, spec.token, spec.ready_timeout)
+        except BaseException as e:
+            cancelled = not isinstance(e, Exception)
+            logs = "" if cancelled else await asyncio.shield(self._logs(container_id))
+            # Shielded: a cancelled create must still leave nothing behind.
+            await asyncio.shield(self.remove(container_id))
+            if cancelled:
+                raise
+            raise DriverError(
+                f"container {spec.name} failed to become ready: {e}\n--- last log lines ---\n{logs}"
+            ) from None
+        handle.status = "running"
+        return handle
+
+    async def _discard(self, making: "asyncio.Future[str]") -> None:
+        try:
+            container_id = await making
+        except Exception:
+            return  # it was never made
+        await self.remove(container_id)
+
+    async def _wait_ready(self, container_id: str, name: str, url: str, token: Optional[str], timeout: float) -> None:
+        """Poll the health route until it answers; with no token, any HTTP answer (401) counts."""
+        api = await self._api()
+        deadline = time.monotonic() + timeout
+        next_alive_check = time.monotonic() + _ALIVE_CHECK
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # trust_env=False: a proxy from the environment must never see 127.0.0.1 traffic.
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
+            while True:
+                try:
+                    r = await http.get(f"{url}/v1/healthz", headers=headers)
+                    if r.status_code == 200 or (token is None and r.status_code == 401):
+                        return
+                    if r.status_code == 401:
+                        raise DriverError(f"box in {name} rejected its token (HTTP 401)")
+                except httpx.HTTPError:
+                    pass  # not listening yet (docker-proxy accepts, then drops the connection)
+                now = time.monotonic()
+                if now >= deadline:
+                    raise DriverError(f"box did not answer {url}/v1/healthz within {timeout:g}s")
+                if now >= next_alive_check:
+                    next_alive_check = now + _ALIVE_CHECK
+                    info = await self._call("inspecting container", api.inspect_container, container_id)
+                    state = info.get("State") or {}
+                    if state.get("Status") not in ("running", "created", "restarting"):
+                        raise DriverError(
+                            f"container {name} is {state.get('Status')} (exit code {state.get('ExitCode')})"
+                        )
+                await asyncio.sleep(_READY_POLL)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self, container_id: str) -> None:
+        api = await self._api()
+        try:
+            info = await self._call(f"inspecting container {container_id}", api.inspect_container, container_id)
+        except NotFound:
+            raise DriverError(f"no such container {container_id}") from None
+        if (info.get("State") or {}).get("Status") == "running":
+            return
+        await self._call(f"starting container {container_id}", api.start, container_id)
+        info = await self._call(f"inspecting container {container_id}", api.inspect_container, container_id)
+        handle = self._handle_from_inspect(info)
+        if handle.url is None:
+            raise DriverError(f"container {container_id} has no port published for {_PORT_KEY}")
+        await self._wait_ready(container_id, handle.name, handle.url, None, _START_READY_TIMEOUT)
+
+    async def stop(self, container_id: str, timeout: float = 1.0) -> None:
+        api = await self._api()
+        # The engine takes whole seconds; rounding up never cuts a grace period short.
+        secs = max(0, math.ceil(timeout))
+        with contextlib.suppress(NotFound):
+            await self._call(f"stopping container {container_id}", api.stop, container_id, timeout=secs)
+
+    async def remove(self, container_id: str) -> None:
+        api = await self._api()
+        try:
+            await self._call(f"removing container {container_id}", api.remove_container, container_id, force=True)
+        except NotFound:
+            pass
+        except Conflict:
+            pass  # "removal already in progress": another caller is removing it
+
+    async def status(self, container_id: str) -> str:
+        api = await self._api()
+        try:
+            info = await self._call(f"inspecting container {container_id}", api.inspect_container, container_id)
+        except NotFound:
+            return "missing"
+        return map_status((info.get("State") or {}).get("Status"))
+
+    async def inspect(self, container_id: str) -> Optional[ContainerHandle]:
+        api = await self._api()
+        try:
+            info = await self._call(f"inspecting container {container_id}", api.inspect_container, container_id)
+        except NotFound:
+            return None
+        return self._handle_from_inspect(info)
+
+    async def list(self, labels: dict[str, str]) -> list[ContainerHandle]:
+        api = await self._api()
+        wanted = {**labels, LABEL_MANAGED: "true"}
+        rows = await self._call(
+            "listing containers", api.containers, all=True,
+            filters={"label": [f"{k}={v}" for k, v in wanted.items()]},
+        )
+        return [self._handle_from_list(r) for r in rows]
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await asyncio.to_thread(client.close)

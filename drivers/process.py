@@ -1,0 +1,274 @@
+"""The process driver: each sandbox is a box server running as a local process.
+
+The embedded default where no Docker engine runs. It isolates nothing (the box
+runs as this user, with this machine's filesystem); use the Docker driver for
+untrusted code. Read-only mounts and resource limits are not applied.
+
+What it owns: one directory per sandbox under ``config.root``
+(``<root>/<name>/meta.json``, ``box.log``, ``tmp/`` and, when the spec names no
+workspace, ``workspace/``). ``meta.json`` holds the pid, port, labels and token
+(mode 0600), so :meth:`list` finds the boxes again after any restart, the way
+Docker finds containers by label.
+
+Boxes are started through ``setsid -f`` so that they are not children of the
+calling process: Ray kills an actor's child processes when the actor exits,
+and a sandbox must outlive the actor that started it, like a container does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import psutil
+
+from corral.errors import Conflict, DriverError, InvalidRequest
+
+from .base import ContainerHandle, ContainerSpec, Driver
+from .config import ProcessDriverConfig
+
+__all__ = ["ProcessDriver"]
+
+_READY_POLL = 0.01
+
+
+class ProcessDriver(Driver):
+    """Runs ``python -m corral.box`` per sandbox on a 127.0.0.1 port."""
+
+    name = "process"
+
+    def __init__(self, config: Optional[ProcessDriverConfig] = None) -> None:
+        self.config = config or ProcessDriverConfig()
+        self.root = Path(self.config.root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.python = self.config.python or sys.executable
+        self._http: Optional[httpx.AsyncClient] = None
+
+    # -- helpers -------------------------------------------------------------
+
+    def _dir(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise InvalidRequest(f"invalid container name {name!r}")
+        return self.root / name
+
+    def _read_meta(self, name: str) -> Optional[dict]:
+        try:
+            return json.loads((self._dir(name) / "meta.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError, InvalidRequest):
+            return None
+
+    def _write_meta(self, name: str, meta: dict) -> None:
+        d = self._dir(name)
+        tmp = d / "meta.json.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, d / "meta.json")
+
+    @staticmethod
+    def _proc(meta: dict) -> Optional[psutil.Process]:
+        """The box process if it is alive and really ours (pid reuse is checked)."""
+        pid = meta.get("pid")
+        if not pid:
+            return None
+        try:
+            p = psutil.Process(pid)
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return None
+            if abs(p.create_time() - meta.get("pid_started", 0)) > 1.0:
+                return None
+            return p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+
+    def _handle(self, meta: dict, status: str) -> ContainerHandle:
+        port = meta.get("port")
+        return ContainerHandle(
+            container_id=meta["name"],
+            name=meta["name"],
+            url=f"http://127.0.0.1:{port}" if port else None,
+            ports=[port] if port else [],
+            status=status,
+            labels=meta.get("labels", {}),
+            image="process",
+        )
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=2.0)
+        return self._http
+
+    def _log_tail(self, name: str, lines: int = 20) -> str:
+        try:
+            text = (self._dir(name) / "box.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def _launch(self, meta: dict, ready_timeout: float) -> dict:
+        """Start the box for ``meta`` and wait until it answers its health route."""
+        name = meta["name"]
+        d = self._dir(name)
+        ready = d / "ready.json"
+        ready.unlink(missing_ok=True)
+        tmp = d / "tmp"
+        tmp.mkdir(exist_ok=True)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": str(tmp),
+            "TMPDIR": str(tmp),
+            "PYTHONUNBUFFERED": "1",
+            **meta.get("environment", {}),
+            "SECRET_TOKEN": meta["token"],
+        }
+        port = meta.get("port") or 0
+        cmd = [
+            "setsid", "-f", self.python, "-m", "corral.box",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--workspace", meta["workspace"], "--ready-file", str(ready),
+        ]
+        with open(d / "box.log", "ab") as log:
+            launcher = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=meta["workspace"]
+            )
+            await launcher.wait()
+        deadline = time.monotonic() + ready_timeout
+        info = None
+        while time.monotonic() < deadline:
+            if info is None and ready.exists():
+                try:
+                    info = json.loads(ready.read_text())
+                except json.JSONDecodeError:
+                    info = None  # half-written; the box writes atomically, so only on odd filesystems
+                if info:
+                    meta["pid"] = info["pid"]
+                    meta["port"] = info["port"]
+                    try:
+                        meta["pid_started"] = psutil.Process(info["pid"]).create_time()
+                    except psutil.NoSuchProcess:
+                        break
+                    self._write_meta(name, meta)
+            if info:
+                try:
+                    r = await self._client().get(
+                        f"http://127.0.0.1:{meta['port']}/v1/healthz",
+                        headers={"Authorization": f"Bearer {meta['token']}"},
+                    )
+                    if r.status_code == 200:
+                        return meta
+                except httpx.HTTPError:
+                    pass
+                if self._proc(meta) is None:
+                    break
+            await asyncio.sleep(_READY_POLL)
+        await self._kill(meta)
+        raise DriverError(f"box {name} did not become ready within {ready_timeout:.0f}s; log:\n{self._log_tail(name)}")
+
+    async def create(self, spec: ContainerSpec) -> ContainerHandle:
+        d = self._dir(spec.name)
+        old = self._read_meta(spec.name)
+        if old is not None and self._proc(old) is not None:
+            raise Conflict(f"container {spec.name} already exists")
+        if d.exists():
+            shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        workspace = Path(spec.workspace).absolute() if spec.workspace else d / "workspace"
+        workspace.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "name": spec.name,
+            "token": spec.token,
+            "labels": {**spec.labels, "corral.managed": "true"},
+            "environment": spec.environment,
+            "workspace": str(workspace),
+            "own_workspace": spec.workspace is None,
+            "created_at": time.time(),
+        }
+        self._write_meta(spec.name, meta)
+        try:
+            meta = await self._launch(meta, spec.ready_timeout)
+        except BaseException:
+            await asyncio.shield(self.remove(spec.name))
+            raise
+        return self._handle(meta, "running")
+
+    async def start(self, container_id: str) -> None:
+        meta = self._read_meta(container_id)
+        if meta is None:
+            raise DriverError(f"no such container {container_id}")
+        if self._proc(meta) is None:
+            await self._launch(meta, 60.0)
+
+    async def _kill(self, meta: dict, timeout: float = 1.0) -> None:
+        p = self._proc(meta)
+        if p is None:
+            return
+        procs = [p]
+        try:
+            procs += p.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        for q in procs:
+            try:
+                q.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = await asyncio.to_thread(psutil.wait_procs, procs, timeout)
+        for q in alive:
+            try:
+                q.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if alive:
+            await asyncio.to_thread(psutil.wait_procs, alive, 1.0)
+
+    async def stop(self, container_id: str, timeout: float = 1.0) -> None:
+        meta = self._read_meta(container_id)
+        if meta is not None:
+            await self._kill(meta, timeout)
+
+    async def remove(self, container_id: str) -> None:
+        meta = self._read_meta(container_id)
+        if meta is not None:
+            await self._kill(meta, 0.5)
+        d = self._dir(container_id)
+        if d.exists():
+            await asyncio.to_thread(shutil.rmtree, d, True)
+
+    async def status(self, container_id: str) -> str:
+        meta = self._read_meta(container_id)
+        if meta is None:
+            return "missing"
+        return "running" if self._proc(meta) is not None else "exited"
+
+    async def inspect(self, container_id: str) -> Optional[ContainerHandle]:
+        meta = self._read_meta(container_id)
+        if meta is None:
+            return None
+        return self._handle(meta, "running" if self._proc(meta) is not None else "exited")
+
+    async def list(self, labels: dict[str, str]) -> list[ContainerHandle]:
+        out = []
+        for d in sorted(self.root.iterdir()) if self.root.exists() else []:
+            meta = self._read_meta(d.name) if d.is_dir() else None
+            if meta is None:
+                continue
+            have = meta.get("labels", {})
+            if all(have.get(k) == v for k, v in labels.items()):
+                out.append(self._handle(meta, "running" if self._proc(meta) is not None else "exited"))
+        return out
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None

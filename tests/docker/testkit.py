@@ -1,0 +1,107 @@
+"""Shared helpers for the tests that need a real Docker engine.
+
+Loaded by tests/docker/conftest.py and tests/contract/conftest.py (by file
+path: the test folders are not packages). It owns three things:
+
+- :func:`require_docker`: the engine and the box image must be there. Missing
+  either FAILS the test when ``CORRAL_REQUIRE_DOCKER=1`` (CI sets it) and
+  skips it otherwise, with the reason and the command that fixes it.
+- :class:`Tracker`: every container (or process-driver box) a test makes is
+  recorded and removed at teardown, whatever the test did.
+- :func:`leak_check`: at the end of the session, no container labelled
+  ``corral.managed`` that was not there at its start may remain (those found
+  are removed, then reported).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Iterator, Optional
+
+import pytest
+
+from corral.drivers.base import ContainerHandle, ContainerSpec, Driver
+
+__all__ = ["IMAGE", "require_docker", "docker_problem", "Tracker", "leak_check", "unique_name"]
+
+IMAGE = os.environ.get("CORRAL_IMAGE", "corral-box:latest")
+MANAGED = "corral.managed=true"
+
+
+def _client():
+    import docker
+
+    return docker.from_env(timeout=30)
+
+
+def docker_problem() -> Optional[str]:
+    """Why the docker tests cannot run here, or None when they can."""
+    try:
+        import docker
+    except ImportError:
+        return "docker-py is not installed (pip install docker)"
+    try:
+        client = _client()
+        client.ping()
+    except Exception as e:  # any failure to reach the engine means the same thing here
+        return f"no Docker engine answers ({e}); run scripts/docker-engine.sh"
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        return f"image {IMAGE} is missing; run scripts/build-image.sh"
+    finally:
+        client.close()
+    return None
+
+
+def require_docker() -> None:
+    """Fail (CI) or skip (elsewhere) unless the engine and the image are there."""
+    problem = docker_problem()
+    if problem is None:
+        return
+    if os.environ.get("CORRAL_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"CORRAL_REQUIRE_DOCKER=1 but {problem}", pytrace=False)
+    pytest.skip(problem)
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"corral-{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class Tracker:
+    """Creates sandboxes through a driver and removes every one at teardown."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+        self.ids: list[str] = []
+
+    async def create(self, spec: ContainerSpec) -> ContainerHandle:
+        # Recorded by name before the call: a create that half-succeeds and
+        # then raises must still be cleaned up (the name finds it).
+        self.ids.append(spec.name)
+        handle = await self.driver.create(spec)
+        self.ids.append(handle.container_id)
+        return handle
+
+    async def cleanup(self) -> None:
+        for cid in reversed(self.ids):
+            await self.driver.remove(cid)
+        self.ids.clear()
+
+
+def leak_check() -> Iterator[None]:
+    """Generator body of a session fixture: fail if managed containers were left behind."""
+    if docker_problem() is not None:
+        yield
+        return
+    client = _client()
+    try:
+        before = {c.id for c in client.containers.list(all=True, filters={"label": MANAGED})}
+        yield
+        left = [c for c in client.containers.list(all=True, filters={"label": MANAGED}) if c.id not in before]
+        for c in left:
+            c.remove(force=True)
+        assert not left, f"tests left containers labelled corral.managed behind: {[c.name for c in left]}"
+    finally:
+        client.close()

@@ -1,0 +1,251 @@
+"""The actors on a real Ray cluster with the process driver: real boxes, real kernels.
+
+One Ray cluster for the session (``ray_cluster``); each test has its own
+namespace, so its RegistryActor, PoolActors and session actors are its own,
+and ``make_manager`` removes them and every box at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import corral
+from corral.models import SandboxTypeConfig
+
+pytestmark = pytest.mark.ray
+
+
+def wait_for(pred, timeout=30.0, every=0.1, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def box_alive(m, name) -> bool:
+    try:
+        return m.get_status(name) == "running"
+    except corral.NotFound:
+        return False
+
+
+def test_acquire_use_release(make_manager):
+    m = make_manager(pool_size=1)
+    m.reserve(n=0, wait=True)
+    with m.acquire(env={"EPISODE": "7"}) as sb:
+        assert sb.record["state"] == "RUNNING"
+        r = sb.shell("echo hi $EPISODE; echo oops >&2; exit 3")
+        assert r.exit_code == 3 and r.stdout.strip() == "hi 7" and r.stderr.strip() == "oops"
+        with pytest.raises(corral.CommandFailed):
+            r.check()
+        assert sb.python("x = 41\nx + 1").text == "42"
+        sb.write("notes/a.txt", "hello")
+        assert sb.read_text("notes/a.txt") == "hello"
+        name = sb.name
+        assert m.get_session_mapping(sb.session_ctx_id) == [name]
+    info = m.get_info(name)
+    assert info["state"] == "RELEASED" and info["released_at"]
+    wait_for(lambda: not box_alive(m, name), what="the released box to stop")
+    assert m.release(name) is True  # idempotent, unknown-safe
+
+
+def test_reference_operations_and_shapes(make_manager):
+    m = make_manager(pool_size=0)
+    name = m.create(meta={"session_ctx_id": "ref-1"})
+    assert name.startswith("runtime_sandbox_container_")
+    assert m.get_status(name) == "running"
+    assert m.check_health(name) is True
+    out = m.call_tool(name, "run_shell_command", {"command": "echo ref"})
+    assert out["isError"] is False
+    assert any(c.get("description") == "stdout" and "ref" in c["text"] for c in out["content"])
+    out = m.call_tool(name, "run_ipython_cell", {"code": "print(6*7)"})
+    assert "42" in out["content"][0]["text"]
+    tools = m.list_tools(name)
+    assert "run_shell_command" in tools["generic"]
+    assert m.list_session_keys() == ["ref-1"]
+    info = m.get_info(name)
+    assert info["session_ctx_id"] == "ref-1" and info["state"] == "RUNNING"
+    assert m.release(info["session_id"]) is True  # by session_id too
+    assert m.list_session_keys() == []
+
+
+def test_bad_input_is_a_clear_error_and_creates_nothing(make_manager):
+    m = make_manager(pool_size=0)
+    before = m.status()["active"]
+    with pytest.raises(corral.UnknownSandboxType, match="gpu"):
+        m.create(sandbox_type="gpu")
+    with pytest.raises(corral.InvalidRequest, match="None"):
+        m.create(environment={"A": None})
+    with pytest.raises(corral.InvalidRequest, match="allow_mount_dir"):
+        m.create(mount_dir="/tmp/x")
+    with pytest.raises(corral.NotFound):
+        m.get_info("no-such-sandbox")
+    with pytest.raises(corral.InvalidRequest):
+        m.reserve(n=-1)
+    with pytest.raises(corral.InvalidRequest):
+        m.acquire(timeout=-5)
+    assert m.status()["active"] == before == 0
+
+
+def test_pool_refills_and_replaces_a_dead_warm_box(make_manager):
+    m = make_manager(pool_size=2)
+    m.reserve(n=0, wait=True, timeout=90)
+    pool = m.status()["pools"]["base"]
+    assert pool["warm"] == 2
+    warm = [r for r in m.status()["records"] if r["state"] == "WARM"]
+    victim = warm[0]["container_name"]
+    m.stop(victim)  # the box dies under the pool
+    wait_for(lambda: m.get_info(victim)["state"] == "RELEASED", timeout=30, what="the dead box to be dropped")
+    wait_for(lambda: m.status()["pools"]["base"]["warm"] == 2, timeout=60, what="the pool to refill")
+
+
+def test_reap_after_timeout_then_restore_keeps_the_workspace(make_manager):
+    m = make_manager(pool_size=1, heartbeat_timeout=2)
+    sb = m.acquire()
+    sb.write("keep.txt", "still here")
+    old = sb.name
+    wait_for(lambda: m.get_info(old)["state"] == "RECYCLED", timeout=30, what="the idle session to be reaped")
+    wait_for(lambda: not box_alive(m, old), what="the reaped box to stop")
+    # touching the sandbox again restores it: new container, same workspace, old name redirects
+    assert sb.read_text("keep.txt") == "still here"
+    assert sb.name != old
+    assert m.get_info(old)["container_name"] == sb.name
+    assert m.get_session_mapping(sb.session_ctx_id) == [sb.name]
+    sb.release()
+
+
+def test_two_concurrent_restores_start_one_container(make_manager):
+    m = make_manager(pool_size=0, heartbeat_timeout=1.5)
+    name = m.create(meta={"session_ctx_id": "twice"})
+    wait_for(lambda: m.get_info(name)["state"] == "RECYCLED", timeout=30, what="reap")
+
+    async def both():
+        return await asyncio.gather(m.restore_session_async("twice"), m.restore_session_async("twice"))
+
+    a, b = asyncio.run(both())
+    assert a == b and len(a) == 1
+    running = [r for r in m.status()["records"] if r["state"] == "RUNNING"]
+    assert len(running) == 1
+
+
+def test_no_reap_while_a_command_runs(make_manager):
+    m = make_manager(pool_size=1, heartbeat_timeout=1.5)
+    sb = m.acquire()
+    r = sb.shell("sleep 5; echo done", timeout=30)  # 5 s > the 1.5 s timeout, but it is running
+    assert r.stdout.strip() == "done"
+    assert m.get_info(sb.name)["state"] == "RUNNING"
+    assert sb.name == m.get_info(sb.name)["container_name"]
+    wait_for(lambda: m.get_info(sb.name)["state"] == "RECYCLED", timeout=30, what="reap once idle")
+
+
+def test_instance_limit_under_64_concurrent_acquirers(make_manager):
+    limit = 3
+    m = make_manager(
+        pool_size=limit, max_sandbox_instances=limit, acquire_timeout=120,
+        sandbox_types={"base": SandboxTypeConfig(name="base", reuse=True)},
+    )
+    m.reserve(n=0, wait=True, timeout=90)
+    peak = 0
+    done = []
+
+    async def worker(i):
+        async with await m.acquire_async() as sb:
+            r = await sb.shell(f"echo {i}")
+            assert r.stdout.strip() == str(i)
+        done.append(i)
+
+    async def monitor(stop):
+        nonlocal peak
+        while not stop.is_set():
+            st = await m.status_async()
+            peak = max(peak, st["active"])
+            await asyncio.sleep(0.05)
+
+    async def main():
+        stop = asyncio.Event()
+        mon = asyncio.create_task(monitor(stop))
+        await asyncio.gather(*(worker(i) for i in range(64)))
+        stop.set()
+        await mon
+
+    asyncio.run(main())
+    assert sorted(done) == list(range(64))  # nobody starved
+    assert 0 < peak <= limit  # never exceeded
+
+
+def test_registry_restart_keeps_records_and_removes_orphans(make_manager):
+    import ray
+
+    from corral.actors.common import REGISTRY_NAME
+    from corral.drivers import ContainerSpec, make_driver
+
+    m = make_manager(pool_size=0)
+    name = m.create(meta={"session_ctx_id": "survivor"})
+    driver = make_driver(m.config.driver_config())
+    orphan = asyncio.run(driver.create(ContainerSpec(
+        name="runtime_sandbox_container_orphan", token="t" * 32,
+        labels={"corral.managed": "true", "corral.registry": m.config.namespace,
+                "corral.name": "runtime_sandbox_container_orphan"},
+    )))
+    registry = ray.get_actor(REGISTRY_NAME, namespace=m.config.namespace)
+    ray.kill(registry, no_restart=False)
+    wait_for(lambda: _answers(m, name), timeout=60, what="the registry to come back")
+    info = m.get_info(name)
+    assert info["state"] == "RUNNING" and info["session_ctx_id"] == "survivor"
+    assert m.call_tool(name, "run_shell_command", {"command": "echo back"})["isError"] is False
+    wait_for(lambda: asyncio.run(driver.status(orphan.container_id)) == "missing", timeout=30,
+             what="the orphan to be removed")
+
+
+def _answers(m, name) -> bool:
+    try:
+        m.get_info(name)
+        return True
+    except Exception:
+        return False
+
+
+def test_session_outlives_its_client_process(make_manager, ray_cluster):
+    m = make_manager(pool_size=0, heartbeat_timeout=3)
+    script = f"""
+import json, ray
+from corral import SandboxManager, SandboxManagerEnvConfig
+cfg = SandboxManagerEnvConfig.model_validate(json.loads({json.dumps(m.config.model_dump_json())!r}))
+m = SandboxManager(cfg, address={ray_cluster.get_runtime_context().gcs_address!r})
+name = m.create(meta={{"session_ctx_id": "orphaned-client"}})
+print(name, flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name = out.stdout.strip().splitlines()[-1]
+    info = m.get_info(name)
+    assert info["state"] == "RUNNING"  # the client is gone, the session is not
+    assert box_alive(m, name)
+    wait_for(lambda: m.get_info(name)["state"] == "RECYCLED", timeout=30, what="the heartbeat timeout to reclaim it")
+
+
+def test_reuse_resets_the_sandbox_between_sessions(make_manager):
+    m = make_manager(pool_size=1, sandbox_types={"base": SandboxTypeConfig(name="base", reuse=True)})
+    m.reserve(n=0, wait=True)
+    sb = m.acquire(env={"SECRET_OF_A": "a"})
+    sb.write("left-behind.txt", "x")
+    sb.python("leak = 1")
+    first = sb.name
+    sb.release()
+    wait_for(lambda: m.get_info(first)["state"] == "WARM", timeout=30, what="the reset")
+    sb2 = m.acquire()
+    assert sb2.name == first  # the same container, reused
+    assert not sb2.exists("left-behind.txt")
+    assert sb2.shell("echo ${SECRET_OF_A:-gone}").stdout.strip() == "gone"
+    assert sb2.python("'leak' in dir()").text == "False"
+    sb2.release()

@@ -1,0 +1,302 @@
+"""Unit tests of the plain-Python cores: no Ray, no Docker, a fake clock."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+import corral
+from corral.core import KEEP, REAP, PoolCore, RegistryCore, SessionCore
+from corral.models import ContainerState as S
+from corral.models import SandboxManagerEnvConfig, SandboxTypeConfig
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+def make_registry(**kw) -> tuple[RegistryCore, Clock]:
+    clock = Clock()
+    types = kw.pop("types", {"base": SandboxTypeConfig(name="base")})
+    kw.setdefault("default_mount_dir", None)
+    cfg = SandboxManagerEnvConfig(sandbox_types=types, **kw)
+    return RegistryCore(cfg, clock=clock, registry_id="test"), clock
+
+
+def start_one(reg: RegistryCore, session=None, **kw):
+    rec = reg.reserve("base", session_ctx_id=session, **kw)
+    assert rec is not None
+    return reg.started(rec.container_name, "cid-" + rec.session_id, "http://127.0.0.1:1", [1])
+
+
+# -- registry -------------------------------------------------------------------
+
+
+def test_reserve_names_and_tokens_follow_the_reference():
+    reg, _ = make_registry()
+    rec = reg.reserve("base")
+    assert rec.state == S.STARTING
+    assert rec.container_name == "runtime_sandbox_container_" + rec.session_id
+    assert set(rec.session_id) <= set("0123456789abcdefghijklmnopqrstuvwxyz")
+    assert len(rec.runtime_token) == 32
+    other = reg.reserve("base")
+    assert other.runtime_token != rec.runtime_token
+
+
+def test_started_goes_warm_without_session_and_running_with_one():
+    reg, _ = make_registry()
+    assert start_one(reg).state == S.WARM
+    rec = start_one(reg, session="s1")
+    assert rec.state == S.RUNNING
+    assert reg.session_names("s1") == [rec.container_name]
+    assert rec.meta["session_ctx_id"] == "s1"
+
+
+def test_unknown_type_is_a_clear_error_and_creates_nothing():
+    reg, _ = make_registry()
+    with pytest.raises(corral.UnknownSandboxType, match="nope"):
+        reg.reserve("nope")
+    assert reg.records == {} and reg.counted == 0
+
+
+def test_limit_counts_starting_warm_running_and_frees_on_release():
+    reg, _ = make_registry(max_sandbox_instances=2)
+    a = start_one(reg)
+    b = reg.reserve("base")
+    assert reg.reserve("base") is None  # the limit holds STARTING too
+    reg.start_failed(b.container_name)
+    assert reg.counted == 1
+    c = start_one(reg)
+    assert reg.reserve("base") is None
+    td = reg.release(a.container_name)
+    assert td.action == "destroy"
+    assert reg.counted == 1
+    assert reg.reserve("base") is not None
+    assert c.state == S.WARM
+
+
+def test_claim_binds_and_is_idempotent_for_the_same_session():
+    reg, _ = make_registry()
+    rec = start_one(reg)
+    got = reg.claim(rec.container_name, "s1", {"x": 1})
+    assert got.state == S.RUNNING and got.meta["x"] == 1
+    assert reg.claim(rec.container_name, "s1").rev == got.rev  # a Ray retry changes nothing
+    with pytest.raises(corral.Conflict):
+        reg.claim(rec.container_name, "s2")
+    with pytest.raises(corral.NotFound):
+        reg.claim("nope", "s1")
+
+
+def test_release_by_session_id_unknown_and_twice():
+    reg, clock = make_registry()
+    rec = start_one(reg, session="s1")
+    assert reg.release("never-heard-of-it") is None
+    td = reg.release(rec.session_id)  # by session_id, like the reference
+    assert td.record.container_name == rec.container_name
+    assert rec.state == S.RELEASED and rec.released_at == clock.t
+    assert rec.session_ctx_id is None and "s1" not in reg.sessions
+    assert reg.release(rec.container_name) is None  # idempotent
+
+
+def test_release_with_reuse_resets_then_returns_to_warm_or_releases():
+    reg, _ = make_registry()
+    a = start_one(reg, session="s1")
+    b = start_one(reg, session="s2")
+    td = reg.release(a.container_name, reuse=True)
+    assert td.action == "reset" and a.state == S.RESETTING
+    assert reg.counted == 2  # still holds its slot while it is wiped
+    assert reg.reset_done(a.container_name, ok=True).state == S.WARM
+    assert a.meta == {} and a.session_ctx_id is None
+    reg.release(b.container_name, reuse=True)
+    assert reg.reset_done(b.container_name, ok=False).state == S.RELEASED
+    assert reg.counted == 1
+
+
+def test_recycle_keeps_the_session_for_restore_and_replace_redirects():
+    reg, clock = make_registry(storage_folder="/store", default_mount_dir="/m")
+    old = start_one(reg, session="s1")
+    clock.advance(10)
+    td = reg.recycle(old.container_name)
+    assert td.action == "recycle" and td.upload
+    assert old.state == S.RECYCLED and old.recycle_reason == "heartbeat_timeout"
+    assert reg.recycle(old.container_name) is None  # idempotent
+    assert [r.container_name for r in reg.to_restore("s1")] == [old.container_name]
+    new = start_one(reg, session="s1")
+    reg.replace(old.container_name, new.container_name)
+    assert old.state == S.REPLACED and old.redirect_to == new.container_name
+    assert reg.get(old.container_name).container_name == new.container_name
+    assert reg.session_names("s1") == [new.container_name]
+    # release through the old name follows the redirect to the live container
+    assert reg.release(old.container_name).record.container_name == new.container_name
+
+
+def test_expire_deletes_released_after_ttl_only():
+    reg, clock = make_registry(released_key_ttl=60)
+    a = start_one(reg)
+    b = start_one(reg)
+    reg.release(a.container_name)
+    clock.advance(61)
+    assert reg.expire() == [a.container_name]
+    assert b.container_name in reg.records
+    assert reg.expire() == []
+
+
+def test_reconcile_adopts_known_removes_unknown_and_recycles_lost():
+    reg, _ = make_registry()
+    warm = start_one(reg)
+    running = start_one(reg, session="s1")
+    lost = start_one(reg, session="s2")
+    cut = reg.reserve("base")  # a create cut off by a restart
+    released = start_one(reg)
+    reg.release(released.container_name)
+    observed = [
+        {"container_id": "c1", "status": "running", "labels": {"corral.name": warm.container_name}},
+        {"container_id": "c2", "status": "running", "labels": {"corral.name": running.container_name}},
+        {"container_id": "c3", "status": "running", "labels": {"corral.name": "runtime_sandbox_container_zzz"}},
+        {"container_id": "c4", "status": "running", "labels": {"corral.name": released.container_name}},
+        {"container_id": "c5", "status": "running", "labels": {"corral.name": cut.container_name}},
+    ]
+    plan = reg.reconcile(observed)
+    assert sorted(plan.adopted) == sorted([warm.container_name, running.container_name])
+    assert sorted(plan.remove) == ["c3", "c4", "c5"]
+    assert lost.state == S.RECYCLED and lost.recycle_reason == "container_lost"
+    assert cut.container_name not in reg.records
+    assert warm.container_id == "c1"
+
+
+def test_snapshot_round_trip_and_changes_log():
+    reg, _ = make_registry()
+    a = start_one(reg, session="s1")
+    changed, deleted = reg.take_changes()
+    assert [c["container_name"] for c in changed] == [a.container_name] and deleted == []
+    assert reg.take_changes() == ([], [])
+    snap = reg.snapshot()
+    reg2, _ = make_registry()
+    reg2.load(snap)
+    assert reg2.records[a.container_name].state == S.RUNNING
+    assert reg2.session_names("s1") == [a.container_name]
+    assert reg2.counted == 1
+    with pytest.raises(corral.InvalidRequest):
+        reg2.load({"version": 99})
+
+
+def test_bad_identity_is_a_clear_error():
+    reg, _ = make_registry()
+    with pytest.raises(corral.InvalidRequest):
+        reg.find(None)
+    with pytest.raises(corral.NotFound, match="abc"):
+        reg.get("abc")
+
+
+# -- pool -------------------------------------------------------------------------
+
+
+def test_pool_deficit_counts_warm_starting_and_waiters():
+    p = PoolCore("base", 3)
+    assert p.deficit() == 3
+    p.start_begun(2)
+    assert p.deficit() == 1
+    p.start_ended(True)
+    p.put("a")
+    assert p.deficit() == 1
+    p.waiting = 2
+    assert p.deficit() == 3
+    assert p.take() == "a" and p.take() is None
+
+
+def test_pool_reserve_grows_then_is_consumed_by_takes():
+    p = PoolCore("base", 1)
+    assert p.reserve(4) == 5
+    for n in "abcde":
+        p.put(n)
+    assert p.take() == "a" and p.target == 4
+
+
+def test_pool_backoff_grows_and_resets():
+    p = PoolCore("base", 1)
+    assert p.backoff() == 0
+    p.start_begun(3)
+    p.start_ended(False)
+    p.start_ended(False)
+    assert p.backoff() == 1.0
+    p.start_ended(True)
+    assert p.backoff() == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 5000, 1.5, "3", True])
+def test_pool_rejects_absurd_sizes(bad):
+    with pytest.raises(corral.InvalidRequest):
+        PoolCore("base", bad)
+
+
+# -- session ----------------------------------------------------------------------
+
+
+def test_session_not_due_until_its_own_timeout():
+    clock = Clock()
+    s = SessionCore("s1", timeout=10, clock=clock)
+    s.attach("a", "http://x", "t")
+    clock.advance(9)
+    assert not s.due()
+    clock.advance(2)
+    assert s.due()
+
+
+def test_session_box_activity_counts_as_heartbeat():
+    clock = Clock()
+    s = SessionCore("s1", timeout=10, clock=clock)
+    s.attach("a", "http://x", "t")
+    clock.advance(20)
+    assert s.decide({"a": {"last_active_at": clock.t - 5, "running": 0}}) == KEEP
+    clock.advance(20)
+    assert s.decide({"a": {"last_active_at": clock.t - 30, "running": 0}}) == REAP
+
+
+def test_session_never_reaped_while_a_call_runs():
+    clock = Clock()
+    s = SessionCore("s1", timeout=10, clock=clock)
+    s.attach("a", "http://x", "t")
+    clock.advance(1000)
+    assert s.decide({"a": {"last_active_at": clock.t - 999, "running": 1}}) == KEEP
+    clock.advance(11)
+    assert s.decide({"a": None}) == REAP  # a box that does not answer keeps nothing alive
+
+
+def test_session_rejects_bad_timeout():
+    with pytest.raises(ValueError):
+        SessionCore("s", timeout=0)
+
+
+# -- errors and config --------------------------------------------------------------
+
+
+def test_errors_pickle_and_map_to_and_from_the_wire():
+    for cls in (corral.NotFound, corral.CapacityError, corral.SandboxUnreachable, corral.KernelDied):
+        e = pickle.loads(pickle.dumps(cls("boom", where="x")))
+        assert type(e) is cls and str(e) == "boom" and e.details == {"where": "x"}
+        status, body = corral.errors.to_wire(e)
+        assert status >= 400
+        assert type(corral.errors.from_wire(body, status)) is cls
+    assert corral.SandboxUnreachable.retryable and not corral.CommandFailed.retryable
+    assert issubclass(corral.InvalidRequest, ValueError)
+
+
+def test_config_takes_a_reference_config_and_rejects_bad_input():
+    cfg = SandboxManagerEnvConfig(redis_enabled=False, redis_server="x", pool_size=2, container_deployment="process")
+    assert cfg.pool_target("base") == 2
+    with pytest.raises(ValueError):
+        SandboxManagerEnvConfig(file_system="oss")  # OSS without credentials
+    with pytest.raises(ValueError):
+        SandboxManagerEnvConfig(pool_size=-1)
+    with pytest.raises(ValueError):
+        SandboxTypeConfig(name="x", environment={"A": None})
+    with pytest.raises(corral.UnknownSandboxType):
+        cfg.sandbox_type("gpu")
