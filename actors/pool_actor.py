@@ -61,6 +61,7 @@ class PoolActor:
         self.metrics = pool_metrics(self.type.name)
         self.started_total = 0
         self.failed_total = 0
+        self.draining = False
 
     # -- boot ------------------------------------------------------------------
 
@@ -95,6 +96,8 @@ class PoolActor:
         return self._storage
 
     async def _tick(self) -> None:
+        if self.draining:
+            return
         if time.monotonic() >= self._retry_at:
             for _ in range(self.core.deficit()):
                 self.core.start_begun()
@@ -129,7 +132,10 @@ class PoolActor:
                 return
             rec = await self._start(ContainerModel.model_validate(rec), {})
             ok = True
-            self._deliver(rec.container_name)
+            if self.draining:
+                fire(self.registry.release.remote(rec.container_name), "release after drain")
+            else:
+                self._deliver(rec.container_name)
         except CapacityError:
             ok = True
         except Exception as e:
@@ -326,6 +332,7 @@ class PoolActor:
 
     async def set_target(self, n: int) -> dict:
         await self._ready()
+        self.draining = False
         self.core.set_target(n)
         self._ticker.kick()
         return self.core.stats()
@@ -340,6 +347,25 @@ class PoolActor:
                 raise CapacityError(f"pool {self.type.name!r}: {len(self.core.warm)} of {n} warm after {timeout:.0f}s")
             self._ticker.kick()
             await asyncio.sleep(0.05)
+        return self.core.stats()
+
+    async def drain(self) -> dict:
+        """Stop refilling and fail every waiter: the first step of shutting a namespace down."""
+        await self._ready()
+        self.draining = True
+        self.core.set_target(0)
+        self.core.extra = 0
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(CapacityError(f"pool {self.type.name!r} is shutting down"))
+        return self.core.stats()
+
+    async def undrain(self) -> dict:
+        await self._ready()
+        self.draining = False
+        self.core.set_target(self.config.pool_target(self.type.name))
+        self._ticker.kick()
         return self.core.stats()
 
     async def container_op(self, op: str, container_id: Optional[str]) -> str:

@@ -5,8 +5,10 @@ runs as this user, with this machine's filesystem); use the Docker driver for
 untrusted code. Read-only mounts and resource limits are not applied.
 
 What it owns: one directory per sandbox under ``config.root``
-(``<root>/<name>/meta.json``, ``box.log``, ``tmp/`` and, when the spec names no
-workspace, ``workspace/``). ``meta.json`` holds the pid, port, labels and token
+(``<root>/<name>/meta.json``, ``box.log`` and, when the spec names no
+workspace, ``workspace/``) and a short temp dir per sandbox under the system
+temp dir (the box's HOME and TMPDIR; short because the kernel's Unix sockets
+live there). ``meta.json`` holds the pid, port, labels and token
 (mode 0600), so :meth:`list` finds the boxes again after any restart, the way
 Docker finds containers by label.
 
@@ -18,11 +20,13 @@ and a sandbox must outlive the actor that started it, like a container does.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -58,6 +62,11 @@ class ProcessDriver(Driver):
         if not name or "/" in name or name.startswith("."):
             raise InvalidRequest(f"invalid container name {name!r}")
         return self.root / name
+
+    def _tmp(self, name: str) -> Path:
+        """The box's temp dir: short, because the kernel's Unix sockets live there (108-byte limit)."""
+        digest = hashlib.sha1(str(self._dir(name)).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"corral-{digest}"
 
     def _read_meta(self, name: str) -> Optional[dict]:
         try:
@@ -121,8 +130,8 @@ class ProcessDriver(Driver):
         d = self._dir(name)
         ready = d / "ready.json"
         ready.unlink(missing_ok=True)
-        tmp = d / "tmp"
-        tmp.mkdir(exist_ok=True)
+        tmp = self._tmp(name)
+        tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
@@ -244,6 +253,9 @@ class ProcessDriver(Driver):
         d = self._dir(container_id)
         if d.exists():
             await asyncio.to_thread(shutil.rmtree, d, True)
+        tmp = self._tmp(container_id)
+        if tmp.exists():
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
 
     async def status(self, container_id: str) -> str:
         meta = self._read_meta(container_id)

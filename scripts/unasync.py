@@ -42,7 +42,6 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 
 #: (async source dir, sync destination dir), relative to the repository root.
-#: corral/manager/_async -> corral/manager/_sync joins this list when its async core lands.
 PAIRS: list[tuple[str, str]] = [
     ("corral/client/_async", "corral/client/_sync"),
     ("corral/manager/_async", "corral/manager/_sync"),

@@ -1,1 +1,32 @@
-"""(filled in below)"""
+"""The box: the HTTP server inside every corral sandbox (docs/box-api.md).
+
+Modules, each owning one thing:
+
+- :mod:`~corral.box.app` - ``create_app(runtime, token)``: routes, auth, error wire form
+- :mod:`~corral.box.runtime` - :class:`BoxRuntime`: everything one sandbox owns; ``reset()``, ``close()``
+- :mod:`~corral.box.shell` - ``bash -c`` in its own process group, timeout, output cap, streaming
+- :mod:`~corral.box.kernel` - one real Jupyter kernel, cells one at a time
+- :mod:`~corral.box.workspace` - path confinement (realpath + commonpath) and file operations
+- :mod:`~corral.box.mcp_host` - stdio / SSE / streamable-HTTP MCP servers via the ``mcp`` SDK
+- :mod:`~corral.box.activity` - last activity, calls running, calls served
+- ``python -m corral.box`` (:mod:`~corral.box.__main__`) - the process: token, uvicorn, ready file, SIGTERM
+
+The names below load lazily, so importing one small module (say the
+workspace) does not pull in FastAPI and jupyter_client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["create_app", "BoxRuntime", "Workspace"]
+
+_LAZY = {"create_app": ".app", "BoxRuntime": ".runtime", "Workspace": ".workspace"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

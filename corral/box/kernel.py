@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import queue
 import re
 import sys
@@ -40,6 +39,12 @@ _LIVENESS_EVERY = 0.2
 #: After an interrupt, how long the kernel gets to report idle before it is restarted.
 _INTERRUPT_GRACE = 5.0
 _STARTUP_TIMEOUT = 60.0
+
+
+def _log_start_failure(task: asyncio.Task) -> None:
+    # A background boot that fails is retried by the next cell; say why meanwhile.
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("%s", task.exception())
 
 
 def _strip_ansi(text: str) -> str:
@@ -91,6 +96,7 @@ class Kernel:
         """Start the kernel without waiting (a warm box answers its first cell fast)."""
         if self._starting is None and not self._closed:
             self._starting = asyncio.ensure_future(self._start())
+            self._starting.add_done_callback(_log_start_failure)
 
     async def _ensure(self) -> None:
         if self._closed:

@@ -96,7 +96,29 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:  # exists but not ours any more (pid reuse): not ours to track
         return False
-    return True
+    return _has_live_member(pgid)
+
+
+def _has_live_member(pgid: int) -> bool:
+    """Whether the group has a member that is not a zombie.
+
+    Killed orphans stay zombies until init reaps them, and some sandbox inits
+    are slow to; ``killpg(pgid, 0)`` alone would count those as alive.
+    """
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return True  # no /proc: trust killpg
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # fields: state, ppid, pgrp, ...
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def _kill_group(pgid: int) -> bool:
@@ -118,6 +140,7 @@ class ShellRunner:
         self._default_cwd = default_cwd
         self._base_env = base_env
         self._groups: set[int] = set()
+        self._feeders: set[asyncio.Task] = set()
 
     @property
     def live_groups(self) -> int:
@@ -154,7 +177,10 @@ class ShellRunner:
         # With start_new_session the child's pid is its process group id.
         self._groups.add(proc.pid)
         if req.stdin is not None:
-            asyncio.ensure_future(self._feed_stdin(proc, req.stdin.encode("utf-8")))
+            # Held in a set: the loop keeps only weak references to tasks.
+            task = asyncio.ensure_future(self._feed_stdin(proc, req.stdin.encode("utf-8")))
+            self._feeders.add(task)
+            task.add_done_callback(self._feeders.discard)
         return proc
 
     @staticmethod

@@ -109,6 +109,11 @@ def down(config: SandboxManagerEnvConfig, timeout: float = 30.0) -> dict:
         registry = ray.get_actor(REGISTRY_NAME, namespace=config.namespace)
     except ValueError:
         registry = None
+    pools = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") == config.namespace and entry["name"].startswith("corral-pool-"):
+            pools.append(ray.get_actor(entry["name"], namespace=config.namespace))
+    ray.get([p.drain.remote() for p in pools])  # first stop refills, or they race the release below
     if registry is not None:
         out["released"] = ray.get(registry.cleanup.remote())
     driver = make_driver(config.driver_config())

@@ -1,0 +1,221 @@
+"""Benchmark of the runtime: acquire, tool call and release through the actors.
+
+    python -m corral.bench.runtime_bench [--workers 32] [--cycles 10] [--driver process]
+
+For each mode (``reuse``: released sandboxes are reset and go back to the pool;
+``destroy``: the reference's behaviour) it starts a fresh namespace with a
+warm pool of ``--workers`` sandboxes, then runs ``--workers`` concurrent
+workers doing ``--cycles`` acquire / one shell call / release cycles each, and
+prints acquire, tool-call and release latency (p50/p99), cycles per second,
+the tool-call latency through a handle next to direct HTTP to the same box
+(the heartbeat adds no actor round trip to a tool call), and the memory a live
+session costs (its session actor's unique memory, and its box's).
+
+Figures are measured, never asserted: this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+import uuid
+from typing import Optional
+
+__all__ = ["run_mode", "main", "pct"]
+
+
+def pct(xs: list[float], p: float) -> Optional[float]:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, int(round(p / 100 * (len(xs) - 1)))))
+    return round(xs[k], 2)
+
+
+def summary(xs: list[float]) -> dict:
+    return {"p50": pct(xs, 50), "p95": pct(xs, 95), "p99": pct(xs, 99), "n": len(xs)}
+
+
+def _uss(pid: int) -> Optional[int]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_full_info().uss
+    except Exception:
+        return None
+
+
+def _tree_uss(pid: int) -> Optional[int]:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return sum(q.memory_full_info().uss for q in [p, *p.children(recursive=True)])
+    except Exception:
+        return None
+
+
+async def _measure_memory(m, names: list[str]) -> dict:
+    """USS of the session actors and box process trees behind ``names`` (same machine)."""
+    import ray
+
+    from corral.actors.common import SESSION_PREFIX
+
+    sess = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == m.config.namespace and entry["name"].startswith(SESSION_PREFIX):
+            d = await ray.get_actor(entry["name"], namespace=m.config.namespace).describe.remote()
+            if d.get("session_ctx_id"):
+                sess.append(_uss(d["pid"]))
+    boxes = []
+    driver_root = m.config.driver_config().model_dump().get("root")
+    if driver_root:
+        import os
+
+        for n in names:
+            try:
+                with open(os.path.join(driver_root, n, "meta.json")) as f:
+                    boxes.append(_tree_uss(json.load(f)["pid"]))
+            except (OSError, KeyError, ValueError):
+                pass
+    sess = [x for x in sess if x]
+    boxes = [x for x in boxes if x]
+    mib = 1 / (1 << 20)
+    return {
+        "session_actor_uss_mib": round(statistics.median(sess) * mib, 1) if sess else None,
+        "box_uss_mib": round(statistics.median(boxes) * mib, 1) if boxes else None,
+        "sessions_measured": len(sess),
+    }
+
+
+async def _direct_vs_handle(sb, n: int = 50) -> dict:
+    """Tool-call latency through the handle, next to a bare httpx call to the same box."""
+    import httpx
+
+    handle, direct = [], []
+    async with httpx.AsyncClient(trust_env=False) as c:
+        hdr = {"Authorization": f"Bearer {sb.record['runtime_token']}"}
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await sb.shell("echo hi")
+            handle.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            r = await c.post(sb.url + "/v1/shell", json={"command": "echo hi"}, headers=hdr)
+            r.raise_for_status()
+            direct.append((time.perf_counter() - t0) * 1000)
+    return {"handle_ms": summary(handle), "direct_ms": summary(direct)}
+
+
+def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = False) -> dict:
+    from corral import SandboxManager, SandboxManagerEnvConfig, SandboxTypeConfig
+    from corral.manager.cluster import down
+
+    cfg = SandboxManagerEnvConfig(
+        namespace=f"bench-{mode}-{uuid.uuid4().hex[:6]}",
+        container_deployment=driver,
+        pool_size=workers,
+        spare_sessions=workers,
+        state_dir=f"/tmp/corral-bench/{mode}",
+        default_mount_dir=f"/tmp/corral-bench/{mode}/mounts",
+        acquire_timeout=600,
+        sandbox_types={"base": SandboxTypeConfig(name="base", reuse=(mode == "reuse"))},
+    )
+    m = SandboxManager(cfg)
+    try:
+        t0 = time.perf_counter()
+        m.reserve(n=0, wait=True, timeout=900)
+        warm_s = time.perf_counter() - t0
+        if not quiet:
+            print(f"[{mode}] pool of {workers} warm in {warm_s:.1f}s; spare session actors starting ...", flush=True)
+        deadline = time.time() + 120
+        while m.status()["spare_session_actors"] < workers and time.time() < deadline:
+            time.sleep(0.2)
+        acq, tool, rel, errors = [], [], [], []
+        done = 0
+
+        async def worker(i: int) -> None:
+            nonlocal done
+            for k in range(cycles):
+                try:
+                    t0 = time.perf_counter()
+                    sb = await m.acquire_async(timeout=600)
+                    acq.append((time.perf_counter() - t0) * 1000)
+                    t0 = time.perf_counter()
+                    r = await sb.shell(f"echo {i}-{k}")
+                    tool.append((time.perf_counter() - t0) * 1000)
+                    if r.stdout.strip() != f"{i}-{k}":
+                        errors.append(f"wrong output {r.stdout!r}")
+                    t0 = time.perf_counter()
+                    await sb.release()
+                    rel.append((time.perf_counter() - t0) * 1000)
+                    done += 1
+                except Exception as e:  # counted and reported, never hidden
+                    errors.append(f"{type(e).__name__}: {e}")
+
+        async def main() -> tuple[float, dict, dict]:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(i) for i in range(workers)))
+            wall = time.perf_counter() - t0
+            # a second, quiet phase: live sessions for memory, one for direct-vs-handle latency
+            sbs = [await m.acquire_async(timeout=600) for _ in range(min(workers, 8))]
+            mem = await _measure_memory(m, [s.name for s in sbs])
+            lat = await _direct_vs_handle(sbs[0])
+            for s in sbs:
+                await s.release()
+            return wall, mem, lat
+
+        wall, mem, lat = asyncio.run(main())
+        return {
+            "mode": mode,
+            "driver": driver,
+            "workers": workers,
+            "cycles": done,
+            "errors": len(errors),
+            "first_errors": errors[:3],
+            "pool_warm_s": round(warm_s, 2),
+            "cycles_per_s": round(done / wall, 2),
+            "acquire_ms": summary(acq),
+            "tool_ms": summary(tool),
+            "release_ms": summary(rel),
+            "tool_call_handle_vs_direct": lat,
+            "memory_per_live_session": mem,
+        }
+    finally:
+        down(m.config)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=32)
+    ap.add_argument("--cycles", type=int, default=10)
+    ap.add_argument("--driver", default="process", choices=["process", "docker"])
+    ap.add_argument("--modes", default="reuse,destroy")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args(argv)
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    results = [run_mode(mode, args.workers, args.cycles, args.driver) for mode in args.modes.split(",")]
+    print()
+    print(f"{'mode':8} {'cycles/s':>9} {'acq p50':>8} {'acq p99':>8} {'tool p50':>9} {'rel p50':>8} "
+          f"{'rel p99':>8} {'errors':>6}")
+    for r in results:
+        print(f"{r['mode']:8} {r['cycles_per_s']:9.2f} {r['acquire_ms']['p50']:8.2f} {r['acquire_ms']['p99']:8.2f} "
+              f"{r['tool_ms']['p50']:9.2f} {r['release_ms']['p50']:8.2f} {r['release_ms']['p99']:8.2f} "
+              f"{r['errors']:6d}")
+    for r in results:
+        lat = r["tool_call_handle_vs_direct"]
+        print(f"[{r['mode']}] tool call p50: handle {lat['handle_ms']['p50']} ms, direct HTTP "
+              f"{lat['direct_ms']['p50']} ms; memory per live session: {r['memory_per_live_session']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
