@@ -126,16 +126,15 @@ class PoolActor:
     async def _refill_one(self) -> None:
         ok = False
         try:
-            rec = await self.registry.reserve.remote(self.type.name, wait=self.core.waiting > 0)
-            if rec is None:  # at the instance limit with nobody waiting here: try again next tick
+            # Never queue for a slot: a queued refill outlives the need that made it. At the limit
+            # the registry kicks the pools when a slot frees, and the next tick tries again.
+            rec = await self.registry.reserve.remote(self.type.name, wait=False)
+            if rec is None:
                 ok = True
                 return
             rec = await self._start(ContainerModel.model_validate(rec), {})
             ok = True
-            if self.draining:
-                fire(self.registry.release.remote(rec.container_name), "release after drain")
-            else:
-                self._deliver(rec.container_name)
+            self._deliver(rec.container_name)
         except CapacityError:
             ok = True
         except Exception as e:
@@ -189,6 +188,9 @@ class PoolActor:
 
     def _deliver(self, name: str) -> None:
         """A warm container is ready: the longest waiter gets it, else it joins the pool."""
+        if self.draining:  # a start or reset that finished after drain(): it goes, it does not refill
+            fire(self.registry.release.remote(name), "release after drain")
+            return
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -349,6 +351,11 @@ class PoolActor:
             await asyncio.sleep(0.05)
         return self.core.stats()
 
+    async def kick(self) -> None:
+        """A slot freed up (the registry says): refill now rather than at the next tick."""
+        if self._ticker is not None and self.core.deficit():
+            self._ticker.kick()
+
     async def drain(self) -> dict:
         """Stop refilling and fail every waiter: the first step of shutting a namespace down."""
         await self._ready()
@@ -368,7 +375,7 @@ class PoolActor:
         self._ticker.kick()
         return self.core.stats()
 
-    async def container_op(self, op: str, container_id: Optional[str]) -> str:
+    async def container_op(self, op: str, container_id: Optional[str], name: Optional[str] = None) -> str:
         """The reference's start / stop / get_status on one container; returns its status after."""
         await self._ready()
         if op not in ("start", "stop", "status"):
@@ -377,6 +384,9 @@ class PoolActor:
             return "missing"
         if op == "start":
             await self.driver.start(container_id)
+            h = await self.driver.inspect(container_id)
+            if h is not None and name:  # a restarted container may answer on a new port
+                await self.registry.moved.remote(name, h.url, h.ports)
         elif op == "stop":
             await self.driver.stop(container_id)
         return await self.driver.status(container_id)

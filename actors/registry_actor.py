@@ -210,11 +210,18 @@ class RegistryActor:
     # -- slots (max_sandbox_instances) -----------------------------------------
 
     def _wake_slots(self, n: int = 1) -> None:
+        """Slots freed: the callers waiting in line go first, then the pools may refill."""
         while n > 0 and self._slot_waiters:
             fut = self._slot_waiters.popleft()
             if not fut.done():
                 fut.set_result(True)
                 n -= 1
+        if n > 0 and self.core.limit > 0:
+            for t in self.config.sandbox_types:
+                try:
+                    fire(self._pool(t).kick.remote(), "kick pool")
+                except ValueError:  # that pool actor is not running
+                    pass
 
     async def reserve(
         self,
@@ -267,6 +274,12 @@ class RegistryActor:
         await self._commit()
         await self._attach(rec)
         return rec.model_dump(mode="json")
+
+    async def moved(self, name: str, url: Optional[str], ports: list) -> Optional[dict]:
+        await self._ready()
+        rec = self.core.moved(name, url, ports)
+        await self._commit()
+        return rec.model_dump(mode="json") if rec is not None else None
 
     async def start_failed(self, name: str) -> None:
         await self._ready()

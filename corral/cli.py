@@ -1,4 +1,4 @@
-"""The ``corral`` command: ``demo``, ``status``, ``down``, ``box``.
+"""The ``corral`` command: ``demo``, ``status``, ``down``, ``bench``, ``box``.
 
 ``corral demo`` runs a few concurrent RL-style episodes on the embedded
 default (a local Ray cluster, the process driver) and prints them as a table;
@@ -125,6 +125,12 @@ def cmd_down(args) -> int:
     return 0 if out["containers_left"] == 0 else 1
 
 
+def cmd_bench(args) -> int:
+    from corral.bench.rollout import run_cli
+
+    return run_cli(args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="corral", description="Sandboxes for AI agents and RL training, on Ray.")
     p.add_argument("--namespace", default="corral", help="Ray namespace of corral's actors (default: corral)")
@@ -139,9 +145,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     s = sub.add_parser("status", help="pools, sessions and containers")
     s.add_argument("--json", action="store_true")
     sub.add_parser("down", help="release everything corral started in the namespace")
+    from corral.bench.rollout import add_arguments as bench_arguments
+
+    bench_arguments(sub.add_parser("bench", help="RL-shaped benchmark: corral vs destroy-on-release, no pool, "
+                                                  "direct HTTP (writes DIR/bench.json and DIR/bench.png)"))
     args = p.parse_args(argv)
     try:
-        return {"demo": cmd_demo, "status": cmd_status, "down": cmd_down}[args.cmd](args)
+        return {"demo": cmd_demo, "status": cmd_status, "down": cmd_down, "bench": cmd_bench}[args.cmd](args)
     except Exception as e:
         from corral.errors import CorralError
 

@@ -119,7 +119,7 @@ class SandboxTypeConfig(BaseModel):
     cpus: Optional[float] = Field(None, gt=0, le=1024, description="CPU limit (Docker).")
     memory: Optional[str] = Field(None, description="Memory limit, e.g. '512m' (Docker).")
     pids_limit: Optional[int] = Field(256, gt=0, description="Max processes (Docker).")
-    network_mode: Optional[str] = Field(None, description="Docker network mode; 'none' for untrusted code.")
+    network_mode: Optional[str] = Field(None, description="Docker network mode (a user-defined network for untrusted code; 'none' and 'host' are refused: the box must be reachable on 127.0.0.1).")
     reuse: bool = Field(False, description="On release, reset the sandbox and return it to the pool instead of destroying it.")
 
     @field_validator("name")

@@ -12,9 +12,10 @@ live there). ``meta.json`` holds the pid, port, labels and token
 (mode 0600), so :meth:`list` finds the boxes again after any restart, the way
 Docker finds containers by label.
 
-Boxes are started through ``setsid -f`` so that they are not children of the
-calling process: Ray kills an actor's child processes when the actor exits,
-and a sandbox must outlive the actor that started it, like a container does.
+Boxes are started through a small launcher that detaches them (new session,
+reparented away from the caller) and reports their pid: Ray kills an actor's
+child processes when the actor exits, and a sandbox must outlive the actor
+that started it, like a container does.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ from .config import ProcessDriverConfig
 __all__ = ["ProcessDriver"]
 
 _READY_POLL = 0.01
+
+# Starts the box in a new session and prints its pid, then exits: the box is
+# reparented away from the caller (Ray kills an actor's children when the actor
+# exits; a sandbox must outlive it), and the driver knows the pid at once, so a
+# create that times out or is cancelled while the box boots can still kill it.
+_LAUNCHER = (
+    "import subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:], start_new_session=True, stdin=subprocess.DEVNULL,"
+    " stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno())\n"
+    "print(p.pid, flush=True)\n"
+)
 
 
 class ProcessDriver(Driver):
@@ -110,6 +122,22 @@ class ProcessDriver(Driver):
             image="process",
         )
 
+    async def _spawn(self, cmd: list[str], env: dict, meta: dict) -> None:
+        """Run the launcher; record the box's pid in ``meta`` (and on disk) before returning."""
+        name = meta["name"]
+        with open(self._dir(name) / "box.log", "ab") as log:
+            launcher = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log, env=env,
+                cwd=meta["workspace"],
+            )
+            out, _ = await launcher.communicate()
+        try:
+            meta["pid"] = int(out.decode().strip())
+            meta["pid_started"] = psutil.Process(meta["pid"]).create_time()
+        except (ValueError, psutil.NoSuchProcess):
+            raise DriverError(f"box {name} failed to launch; log:\n{self._log_tail(name)}") from None
+        self._write_meta(name, meta)
+
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=2.0)
@@ -143,32 +171,32 @@ class ProcessDriver(Driver):
         }
         port = meta.get("port") or 0
         cmd = [
-            "setsid", "-f", self.python, "-m", "corral.box",
+            self.python, "-c", _LAUNCHER, self.python, "-m", "corral.box",
             "--host", "127.0.0.1", "--port", str(port),
             "--workspace", meta["workspace"], "--ready-file", str(ready),
         ]
-        with open(d / "box.log", "ab") as log:
-            launcher = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=meta["workspace"]
-            )
-            await launcher.wait()
+        launch = asyncio.ensure_future(self._spawn(cmd, env, meta))
+        try:
+            await asyncio.shield(launch)
+        except asyncio.CancelledError:
+            # Cancelled while launching: let the launch finish so the pid is known and the
+            # caller's cleanup (remove) can kill the box, rather than orphan it.
+            try:
+                await launch
+            except Exception:
+                pass
+            raise
+        self._write_meta(name, meta)  # from here on, a timeout or a cancel can kill it by pid
         deadline = time.monotonic() + ready_timeout
-        info = None
         while time.monotonic() < deadline:
-            if info is None and ready.exists():
+            if not meta.get("port") and ready.exists():
                 try:
                     info = json.loads(ready.read_text())
-                except json.JSONDecodeError:
-                    info = None  # half-written; the box writes atomically, so only on odd filesystems
-                if info:
-                    meta["pid"] = info["pid"]
                     meta["port"] = info["port"]
-                    try:
-                        meta["pid_started"] = psutil.Process(info["pid"]).create_time()
-                    except psutil.NoSuchProcess:
-                        break
                     self._write_meta(name, meta)
-            if info:
+                except (json.JSONDecodeError, KeyError):
+                    pass  # half-written; the box writes atomically, so only on odd filesystems
+            if meta.get("port"):
                 try:
                     r = await self._client().get(
                         f"http://127.0.0.1:{meta['port']}/v1/healthz",
@@ -178,8 +206,8 @@ class ProcessDriver(Driver):
                         return meta
                 except httpx.HTTPError:
                     pass
-                if self._proc(meta) is None:
-                    break
+            if self._proc(meta) is None:
+                break
             await asyncio.sleep(_READY_POLL)
         await self._kill(meta)
         raise DriverError(f"box {name} did not become ready within {ready_timeout:.0f}s; log:\n{self._log_tail(name)}")

@@ -219,6 +219,18 @@ class RegistryCore:
             self._set_state(rec, S.WARM)
         return rec
 
+    def moved(self, name: str, url: Optional[str], ports: Iterable) -> Optional[ContainerModel]:
+        """The container was started again and its box answers elsewhere (Docker picks a new host port)."""
+        rec = self.records.get(name)
+        if rec is None or (rec.url == url and list(rec.ports) == list(ports)):
+            return rec
+        rec.url = url
+        rec.ports = list(ports)
+        rec.updated_at = self.clock()
+        rec.rev += 1
+        self._dirty.add(name)
+        return rec
+
     def start_failed(self, name: str) -> None:
         """STARTING -> gone: frees the slot (idempotent)."""
         rec = self.records.get(name)

@@ -39,18 +39,33 @@ def resolve_paths(config: SandboxManagerEnvConfig) -> SandboxManagerEnvConfig:
 
 
 def ensure_ray(address: Optional[str] = None, namespace: str = "corral") -> None:
-    """Join the cluster at ``address`` (or RAY_ADDRESS, or one running on this machine); else start a local one."""
-    if ray.is_initialized():
-        return
+    """Join a Ray cluster, or start a local one.
+
+    Joins ``address``, else ``RAY_ADDRESS``, else the cluster ``ray start``
+    recorded on this machine (``/tmp/ray/ray_current_cluster``); otherwise it
+    starts a local cluster. It never joins "whichever Ray processes happen to
+    run here". Already connected to another cluster than ``address``: an error.
+    """
     address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if address and address not in ("auto", "local") and not address.startswith(("ray://", "http")) \
+                and address != current:
+            raise InvalidRequest(f"this process is connected to Ray at {current}, not {address}")
+        return
     kw = dict(namespace=namespace, ignore_reinit_error=True, log_to_driver=False)
+    if not address and os.path.exists(os.path.join(_ray_tmp(), "ray_current_cluster")):
+        address = "auto"
     if address:
         ray.init(address=address, **kw)
+        logger.info("joined the Ray cluster at %s", ray.get_runtime_context().gcs_address)
         return
-    try:
-        ray.init(address="auto", **kw)
-    except (ConnectionError, RuntimeError, ValueError):
-        ray.init(include_dashboard=False, **kw)
+    ray.init(include_dashboard=False, **kw)
+    logger.info("started a local Ray cluster at %s", ray.get_runtime_context().gcs_address)
+
+
+def _ray_tmp() -> str:
+    return os.environ.get("RAY_TMPDIR", "/tmp/ray")
 
 
 @dataclass

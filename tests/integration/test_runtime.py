@@ -220,7 +220,7 @@ def test_session_outlives_its_client_process(make_manager, ray_cluster):
     script = f"""
 import json, ray
 from corral import SandboxManager, SandboxManagerEnvConfig
-cfg = SandboxManagerEnvConfig.model_validate(json.loads({json.dumps(m.config.model_dump_json())!r}))
+cfg = SandboxManagerEnvConfig.model_validate_json({m.config.model_dump_json()!r})
 m = SandboxManager(cfg, address={ray_cluster.get_runtime_context().gcs_address!r})
 name = m.create(meta={{"session_ctx_id": "orphaned-client"}})
 print(name, flush=True)
@@ -243,9 +243,11 @@ def test_reuse_resets_the_sandbox_between_sessions(make_manager):
     first = sb.name
     sb.release()
     wait_for(lambda: m.get_info(first)["state"] == "WARM", timeout=30, what="the reset")
-    sb2 = m.acquire()
-    assert sb2.name == first  # the same container, reused
+    # the pool refilled while the first session ran, so the reset container is one of two warm ones
+    got = [m.acquire(), m.acquire()]
+    sb2 = next(s for s in got if s.name == first)  # the same container, reused
     assert not sb2.exists("left-behind.txt")
     assert sb2.shell("echo ${SECRET_OF_A:-gone}").stdout.strip() == "gone"
     assert sb2.python("'leak' in dir()").text == "False"
-    sb2.release()
+    for s in got:
+        s.release()

@@ -204,7 +204,7 @@ class AsyncOps:
     async def _container_op(self, identity: str, op: str) -> Any:
         rec = await self.get_info(_ident(identity))
         pool = self._cluster.pool(rec.get("sandbox_type"))
-        return await _rt.call(pool.container_op.remote(op, rec.get("container_id")))
+        return await _rt.call(pool.container_op.remote(op, rec.get("container_id"), rec.get("container_name")))
 
     async def start(self, identity: str) -> bool:
         return (await self._container_op(identity, "start")) == "running"

@@ -205,7 +205,7 @@ class Ops:
     def _container_op(self, identity: str, op: str) -> Any:
         rec = self.get_info(_ident(identity))
         pool = self._cluster.pool(rec.get("sandbox_type"))
-        return _rt.call(pool.container_op.remote(op, rec.get("container_id")))
+        return _rt.call(pool.container_op.remote(op, rec.get("container_id"), rec.get("container_name")))
 
     def start(self, identity: str) -> bool:
         return (self._container_op(identity, "start")) == "running"

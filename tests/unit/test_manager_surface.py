@@ -1,0 +1,66 @@
+"""The manager's public surface: the reference's operations, sync and async, with one signature each."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from corral.manager import OPERATIONS, AsyncSandbox, Sandbox, SandboxManager
+from corral.manager._async.ops import AsyncOps
+from corral.manager._sync.ops import Ops
+
+#: The reference's operations (shared/reference/seed-protocol.md, section 2) and their arguments.
+REFERENCE = {
+    "create": ["sandbox_type", "mount_dir", "storage_path", "environment", "meta"],
+    "create_from_pool": ["sandbox_type", "meta"],
+    "release": ["identity"],
+    "start": ["identity"],
+    "stop": ["identity"],
+    "get_status": ["identity"],
+    "get_info": ["identity"],
+    "check_health": ["identity"],
+    "list_tools": ["identity", "tool_type"],
+    "call_tool": ["identity", "tool_name", "arguments"],
+    "add_mcp_servers": ["identity", "server_configs", "overwrite"],
+    "get_session_mapping": ["session_ctx_id"],
+    "list_session_keys": [],
+    "reap_session": ["session_ctx_id", "reason"],
+    "restore_session": ["session_ctx_id"],
+    "cleanup": [],
+}
+
+
+def _params(fn) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_every_reference_operation_exists_sync_and_async_with_its_arguments(name):
+    sync, asyn = getattr(SandboxManager, name), getattr(SandboxManager, f"{name}_async")
+    assert _params(sync)[: len(REFERENCE[name])] == REFERENCE[name]
+    assert inspect.signature(sync) == inspect.signature(asyn)
+    assert inspect.iscoroutinefunction(asyn) and not inspect.iscoroutinefunction(sync)
+
+
+@pytest.mark.parametrize("pair", [(Ops, AsyncOps), (Sandbox, AsyncSandbox)])
+def test_generated_sync_twins_match_their_async_source(pair):
+    sync_cls, async_cls = pair
+    public = lambda c: {n for n in dir(c) if not n.startswith("__") and callable(getattr(c, n))}  # noqa: E731
+    renamed = {"aclose": "close", "__aenter__": "__enter__"}
+    assert {renamed.get(n, n) for n in public(async_cls)} == public(sync_cls)
+    for n in public(async_cls):
+        a, s = getattr(async_cls, n), getattr(sync_cls, renamed.get(n, n))
+        assert _params(a) == _params(s), n
+
+
+def test_every_listed_operation_is_on_the_manager():
+    for name in OPERATIONS:
+        assert callable(getattr(SandboxManager, name)) and callable(getattr(SandboxManager, f"{name}_async"))
+
+
+def test_remote_mode_says_it_is_not_available():
+    import corral
+
+    with pytest.raises(corral.InvalidRequest, match="remote mode"):
+        SandboxManager(base_url="http://127.0.0.1:1")
