@@ -79,7 +79,8 @@ class RegistryActor:
         self._driver = make_driver(self.config.driver_config())
         self.core.load_records(await self.store.load())
         await self._find_session_actors()
-        await self._reconcile()
+        await self._reconcile(booting=True)
+        await self._ensure_session_actors()
         await self.store.compact([r.model_dump(mode="json") for r in self.core.records.values()])
         self.core.take_changes()
         self._ticker = Ticker("registry-tick", max(self.config.watcher_scan_interval, 0.2) or 1.0, self._tick)
@@ -93,16 +94,17 @@ class RegistryActor:
         await self._top_up_spares()
         now = time.monotonic()
         if now >= self._reconcile_due:
-            self._reconcile_due = now + 30.0
+            self._reconcile_due = now + self.config.reconcile_interval
             await self._reconcile()
+            await self._ensure_session_actors()
         if self.store.log_lines > COMPACT_EVERY:
             async with self._commit_lock:
                 await self.store.compact([r.model_dump(mode="json") for r in self.core.records.values()])
         self.metrics.set_counts(self.core.counts(), len(self._session_actors), len(self._spares))
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, booting: bool = False) -> None:
         observed = await self._driver.list({LABEL_MANAGED: "true", LABEL_REGISTRY: self.ns})
-        plan = self.core.reconcile([h.model_dump() for h in observed])
+        plan = self.core.reconcile([h.model_dump() for h in observed], booting=booting)
         for cid in plan.remove:
             fire(self._driver.remove(cid), f"remove orphan {cid}")
         if plan.remove or plan.lost:
@@ -185,12 +187,40 @@ class RegistryActor:
         return h
 
     async def _attach(self, rec) -> None:
+        """Give the record's session an actor (a spare, or a new one) and add the container to it."""
         sid = rec.session_ctx_id
         if not sid:
             return
-        h = await self._session_actor(sid)
-        await h.attach.remote(sid, self.config.timeout_for(rec.sandbox_type), rec.container_name, rec.url,
-                              rec.runtime_token)
+        for attempt in (1, 2):
+            h = await self._session_actor(sid)
+            try:
+                await h.attach.remote(sid, self.config.timeout_for(rec.sandbox_type), rec.container_name, rec.url,
+                                      rec.runtime_token)
+                return
+            except ray.exceptions.RayActorError:
+                # a dead spare (or a session actor that died): never leave a session without a clock
+                if self._session_actors.get(sid) is h:
+                    del self._session_actors[sid]
+                if attempt == 2:
+                    raise
+
+    async def _ensure_session_actors(self) -> None:
+        """Every session with a RUNNING container has a live actor (reconcile: actors die too)."""
+        for sid, names in list(self.core.sessions.items()):
+            running = [self.core.records[n] for n in names
+                       if n in self.core.records and self.core.records[n].state == S.RUNNING]
+            if not running:
+                continue
+            h = self._session_actors.get(sid)
+            if h is not None:
+                try:
+                    await asyncio.wait_for(h.describe.remote(), 10)
+                    continue
+                except Exception:
+                    logger.warning("session actor of %s is gone; giving the session a new one", sid)
+                    self._session_actors.pop(sid, None)
+            for rec in running:
+                await self._attach(rec)
 
     async def _detach(self, sid: Optional[str], name: str) -> None:
         if not sid:

@@ -176,6 +176,9 @@ class SandboxManagerEnvConfig(BaseModel):
     sandbox_types: dict[str, SandboxTypeConfig] = Field(default_factory=dict)
     default_type: str = "base"
     acquire_timeout: float = Field(60.0, gt=0, description="How long an acquire waits in line at the instance limit.")
+    reconcile_interval: float = Field(
+        30.0, gt=0, description="Seconds between the registry's reconciliations (containers by label, session actors)."
+    )
     spare_sessions: int = Field(2, ge=0, le=256, description="Session actors kept started and idle, so an acquire never waits for one.")
     driver: Optional[DriverConfig] = Field(
         None, description="Explicit driver settings; None = the defaults of `container_deployment`."

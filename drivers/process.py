@@ -43,6 +43,8 @@ from .config import ProcessDriverConfig
 __all__ = ["ProcessDriver"]
 
 _READY_POLL = 0.01
+_TOMBSTONE = "removing"
+_LAUNCH_GRACE = 5.0  # seconds remove() waits for an in-flight launch to record its pid
 
 # Starts the box in a new session and prints its pid, then exits: the box is
 # reparented away from the caller (Ray kills an actor's children when the actor
@@ -136,7 +138,25 @@ class ProcessDriver(Driver):
             meta["pid_started"] = psutil.Process(meta["pid"]).create_time()
         except (ValueError, psutil.NoSuchProcess):
             raise DriverError(f"box {name} failed to launch; log:\n{self._log_tail(name)}") from None
-        self._write_meta(name, meta)
+        try:
+            self._write_meta(name, meta)
+        except FileNotFoundError:
+            pass  # removed while launching: the check below kills it
+        self._check_not_removed(meta)
+
+    def _check_not_removed(self, meta: dict) -> None:
+        """A remove() from another process may race a create: it leaves a tombstone (or deletes
+        the directory), and the creating side kills what it started and gives up."""
+        d = self._dir(meta["name"])
+        if (d / _TOMBSTONE).exists() or not (d / "meta.json").exists():
+            p = self._proc(meta)
+            if p is not None:
+                for q in [p, *p.children(recursive=True)]:
+                    try:
+                        q.kill()
+                    except psutil.NoSuchProcess:
+                        pass
+            raise DriverError(f"box {meta['name']} was removed while it was starting")
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -208,6 +228,7 @@ class ProcessDriver(Driver):
                     pass
             if self._proc(meta) is None:
                 break
+            self._check_not_removed(meta)
             await asyncio.sleep(_READY_POLL)
         await self._kill(meta)
         raise DriverError(f"box {name} did not become ready within {ready_timeout:.0f}s; log:\n{self._log_tail(name)}")
@@ -275,10 +296,18 @@ class ProcessDriver(Driver):
             await self._kill(meta, timeout)
 
     async def remove(self, container_id: str) -> None:
+        d = self._dir(container_id)
+        if d.exists():
+            (d / _TOMBSTONE).touch()  # a create still launching this box sees it and kills what it started
         meta = self._read_meta(container_id)
+        if meta is not None and not meta.get("pid"):
+            # launching right now, maybe in another process: its pid lands in meta.json within moments
+            deadline = time.monotonic() + _LAUNCH_GRACE
+            while time.monotonic() < deadline and not (meta or {}).get("pid"):
+                await asyncio.sleep(0.05)
+                meta = self._read_meta(container_id) or meta
         if meta is not None:
             await self._kill(meta, 0.5)
-        d = self._dir(container_id)
         if d.exists():
             await asyncio.to_thread(shutil.rmtree, d, True)
         tmp = self._tmp(container_id)

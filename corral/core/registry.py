@@ -364,12 +364,14 @@ class RegistryCore:
 
     # -- reconciliation --------------------------------------------------------
 
-    def reconcile(self, observed: list[dict]) -> ReconcilePlan:
+    def reconcile(self, observed: list[dict], booting: bool = False) -> ReconcilePlan:
         """Compare records with the containers the driver reports (dicts with
         ``container_id``, ``name``, ``status``, ``labels``). Decide only: adopt
         what is known, remove what is not, mark records whose container is gone.
-        STARTING records found at reconciliation were cut off mid-create: their
-        containers are removed and the records dropped.
+
+        At boot, STARTING records were cut off mid-create by the restart: their
+        containers are removed and the records dropped. In a periodic tick they
+        are creates in flight, and both are left alone.
         """
         plan = ReconcilePlan()
         seen: set[str] = set()
@@ -377,6 +379,8 @@ class RegistryCore:
             labels = c.get("labels") or {}
             name = labels.get(LABEL_NAME) or c.get("name")
             rec = self.records.get(name) if name else None
+            if rec is not None and rec.state == S.STARTING and not booting:
+                continue
             live = rec is not None and rec.state in (S.WARM, S.RUNNING, S.RESETTING)
             if live and c.get("status") == "running":
                 seen.add(name)
@@ -388,8 +392,9 @@ class RegistryCore:
                 plan.remove.append(c["container_id"])
         for name, rec in list(self.records.items()):
             if rec.state == S.STARTING:
-                self._drop(name)
-                plan.lost.append(name)
+                if booting:
+                    self._drop(name)
+                    plan.lost.append(name)
             elif rec.state in (S.WARM, S.RUNNING, S.RESETTING) and name not in seen:
                 self.mark_lost(name)
                 plan.lost.append(name)

@@ -106,16 +106,50 @@ def connect(config: SandboxManagerEnvConfig, address: Optional[str] = None) -> C
     return Cluster(config=config, registry=registry, pools=pools)
 
 
+def _run_sync(coro):
+    """Run a coroutine to completion from sync code, even inside a running event loop (Jupyter)."""
+    import asyncio
+    import concurrent.futures
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _remove_leftovers(config: SandboxManagerEnvConfig, timeout: float, sweep: bool) -> int:
+    """Wait up to ``timeout`` for the namespace's containers to go; with ``sweep``, remove what is
+    left directly. Returns how many are left."""
+    import asyncio
+    import time
+
+    from corral.drivers import make_driver
+    from corral.models import LABEL_MANAGED, LABEL_REGISTRY
+
+    driver = make_driver(config.driver_config())
+    labels = {LABEL_MANAGED: "true", LABEL_REGISTRY: config.namespace}
+    try:
+        deadline = time.monotonic() + timeout
+        left = await driver.list(labels)
+        while left and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            left = await driver.list(labels)
+        if sweep:
+            for h in left:
+                await driver.remove(h.container_id)
+        return len(await driver.list(labels))
+    finally:
+        await driver.close()
+
+
 def down(config: SandboxManagerEnvConfig, timeout: float = 30.0) -> dict:
     """Release every sandbox of ``config``'s namespace, wait for the containers to go, stop its actors.
 
     Returns what it removed: ``{"released": [names], "containers_left": n, "actors": n}``.
     """
-    import time
-
     from corral.actors.common import REGISTRY_NAME, SESSION_PREFIX, pool_name
-    from corral.drivers import make_driver
-    from corral.models import LABEL_MANAGED, LABEL_REGISTRY
 
     config = resolve_paths(config)
     ensure_ray(None, config.namespace)
@@ -131,22 +165,7 @@ def down(config: SandboxManagerEnvConfig, timeout: float = 30.0) -> dict:
     ray.get([p.drain.remote() for p in pools])  # first stop refills, or they race the release below
     if registry is not None:
         out["released"] = ray.get(registry.cleanup.remote())
-    driver = make_driver(config.driver_config())
-    labels = {LABEL_MANAGED: "true", LABEL_REGISTRY: config.namespace}
-
-    async def _left() -> list:
-        return [h for h in await driver.list(labels)]
-
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    left = asyncio.run(_left())
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = asyncio.run(_left())
-    for h in left:  # teardown did not finish in time: remove directly
-        asyncio.run(driver.remove(h.container_id))
-    out["containers_left"] = len(asyncio.run(_left()))
+    _run_sync(_remove_leftovers(config, timeout, sweep=False))  # the pools carry out the teardowns
     names = [REGISTRY_NAME] + [pool_name(t) for t in config.sandbox_types]
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry.get("namespace") == config.namespace and (
@@ -157,4 +176,6 @@ def down(config: SandboxManagerEnvConfig, timeout: float = 30.0) -> dict:
                 out["actors"] += 1
             except ValueError:
                 pass
+    # last, with no actor left to start anything: remove whatever a dying actor had just started
+    out["containers_left"] = _run_sync(_remove_leftovers(config, 0.0, sweep=True))
     return out

@@ -251,3 +251,22 @@ def test_reuse_resets_the_sandbox_between_sessions(make_manager):
     assert sb2.python("'leak' in dir()").text == "False"
     for s in got:
         s.release()
+
+
+def test_a_session_whose_actor_dies_is_still_reaped(make_manager):
+    import ray
+
+    from corral.actors.common import SESSION_PREFIX
+
+    m = make_manager(pool_size=0, heartbeat_timeout=2, reconcile_interval=1)
+    name = m.create(meta={"session_ctx_id": "orphaned-actor"})
+    victims = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == m.config.namespace and entry["name"].startswith(SESSION_PREFIX):
+            h = ray.get_actor(entry["name"], namespace=m.config.namespace)
+            if ray.get(h.describe.remote())["session_ctx_id"] == "orphaned-actor":
+                victims.append(h)
+    assert len(victims) == 1
+    ray.kill(victims[0], no_restart=True)
+    # the registry notices, gives the session a new actor, and that actor reaps it on time
+    wait_for(lambda: m.get_info(name)["state"] == "RECYCLED", timeout=45, what="the reap by a new session actor")

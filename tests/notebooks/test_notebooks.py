@@ -90,6 +90,38 @@ def kernel(ray_cluster, tmp_path, monkeypatch):
         if state.exists():
             cfg = SandboxManagerEnvConfig(namespace=ns, state_dir=str(state), default_mount_dir=str(nb_dir / stem / "m"))
             down(cfg, timeout=30)
+    for p in _box_processes(nb_dir):  # boxes the driver lost track of (see _assert_nothing_left)
+        _kill_group(p)
+
+
+def _box_processes(under: Path) -> list:
+    """Live processes whose command line names a path under ``under`` (the notebook's boxes and their kernels)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(str(under) in arg for arg in p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def _kill_group(p) -> None:
+    """Kill a box we started: it leads its own process group (the driver starts it with setsid)."""
+    import os
+    import signal
+
+    import psutil
+
+    try:
+        if os.getpgid(p.pid) == p.pid:
+            os.killpg(p.pid, signal.SIGKILL)
+        else:
+            p.kill()
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        pass
 
 
 def _execute(name: str, cwd: Path, inject: str | None = None) -> "nbformat.NotebookNode":
@@ -143,6 +175,9 @@ def _assert_nothing_left(nb_dir: Path, stem: str) -> None:
     assert cfg.driver_config().type == "process"
     boxes = asyncio.run(make_driver(cfg.driver_config()).list({LABEL_MANAGED: "true"}))
     assert not boxes, f"boxes of {ns} left: {[b.container_id for b in boxes]}"
+    # Also by process: a box whose launch raced its removal has no meta.json, so the driver's list misses it.
+    procs = [" ".join(p.info["cmdline"][:8]) for p in _box_processes(nb_dir / stem)]
+    assert not procs, f"box processes of {ns} left, invisible to the driver: {procs}"
 
 
 @pytest.mark.ray

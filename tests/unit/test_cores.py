@@ -164,7 +164,10 @@ def test_reconcile_adopts_known_removes_unknown_and_recycles_lost():
         {"container_id": "c4", "status": "running", "labels": {"corral.name": released.container_name}},
         {"container_id": "c5", "status": "running", "labels": {"corral.name": cut.container_name}},
     ]
-    plan = reg.reconcile(observed)
+    tick = reg.reconcile(observed)  # a periodic tick leaves a create in flight alone
+    assert "c5" not in tick.remove and cut.container_name in reg.records
+    assert lost.state == S.RECYCLED
+    plan = reg.reconcile(observed, booting=True)
     assert sorted(plan.adopted) == sorted([warm.container_name, running.container_name])
     assert sorted(plan.remove) == ["c3", "c4", "c5"]
     assert lost.state == S.RECYCLED and lost.recycle_reason == "container_lost"
