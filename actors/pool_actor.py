@@ -38,6 +38,7 @@ __all__ = ["PoolActor"]
 logger = logging.getLogger("corral.pool")
 HEALTH_EVERY = 5.0
 SHRINK_AFTER = 30.0
+WARM_UP_TIMEOUT = 60.0  # seconds a new or reset sandbox's kernel may take to run its first cell
 
 
 class PoolActor:
@@ -170,6 +171,11 @@ class PoolActor:
                     network_mode=self.type.network_mode,
                 )
                 handle = await self.driver.create(spec)
+                try:
+                    await self._warm_up(handle.url, rec.runtime_token)
+                except BaseException:
+                    await asyncio.shield(self.driver.remove(handle.container_id))
+                    raise
                 self.metrics.start_ms.observe((time.perf_counter() - t0) * 1000)
         except BaseException as e:
             self.failed_total += 1
@@ -283,6 +289,18 @@ class PoolActor:
         self._ticker.kick()
         return action
 
+    async def _warm_up(self, url: Optional[str], token: str) -> None:
+        """A sandbox is warm once its kernel has run a cell: the box answers health before its
+        kernel is up, and an acquirer's first cell (or env) must not wait for the kernel to boot."""
+        from corral.client import AsyncBoxClient
+
+        if not url or not url.startswith("http"):
+            return  # the fake driver has no box
+        async with AsyncBoxClient(url, token, http_client=self._http) as box:
+            r = await box.python("None", timeout=WARM_UP_TIMEOUT)
+        if r.status != "ok":
+            raise DriverError(f"the sandbox's Python kernel did not start: {r.status} {r.stderr[-300:]}")
+
     async def _reset(self, rec: ContainerModel) -> bool:
         from corral.client import AsyncBoxClient
 
@@ -291,6 +309,7 @@ class PoolActor:
         try:
             async with AsyncBoxClient(rec.url, rec.runtime_token, http_client=self._http) as box:
                 await box.reset()
+            await self._warm_up(rec.url, rec.runtime_token)
             return True
         except Exception as e:
             logger.warning("reset of %s failed, destroying it: %s", rec.container_name, e)

@@ -93,3 +93,57 @@ async def test_bad_cell_requests(api) -> None:
     assert r.status_code == 422 and "timeout" in r.json()["error"]["message"]
     r = await api.post("/v1/python", json={})
     assert r.status_code == 422 and "code" in r.json()["error"]["message"]
+
+
+async def test_lean_flush_keeps_every_output_in_order(api) -> None:
+    # The kernel runs kernel_main.py: flush() skips the IOPub round trip only when nothing is buffered.
+    out = await cell(
+        api,
+        "import sys\nfrom IPython.display import display\n"
+        "print(type(sys.stdout).__name__, end=' ')\nprint('a', end='')\nsys.stdout.flush()\n"
+        "display({'k': 1}, raw=True)\nprint('b', end='')\n"
+        "print('e', file=sys.stderr, end='')\n'r'",
+    )
+    assert out["status"] == "ok", out
+    assert out["stdout"] == "LeanOutStream ab"
+    assert out["stderr"] == "e" and out["display"] == [{"k": 1}] and out["result"] == {"text/plain": "'r'"}
+    # Output written right before the cell ends (no newline, no explicit flush) still arrives.
+    for i in range(20):
+        tail = await cell(api, f"print('tail-{i}', end='')")
+        assert tail["stdout"] == f"tail-{i}", tail
+
+
+async def test_kernel_main_does_not_shadow_user_modules(api) -> None:
+    out = await cell(api, "import sys, os\nprint(any(os.path.isfile(os.path.join(p or '.', 'kernel_main.py')) for p in sys.path))\n'' in sys.path")
+    assert out["stdout"] == "False\n" and out["result"] == {"text/plain": "True"}, out
+
+
+async def test_recv_drops_forged_and_foreign_messages() -> None:
+    from jupyter_client.session import Session
+
+    from corral.box.kernel import _recv
+
+    class _Socket:
+        def __init__(self, frames: list[list[bytes]]) -> None:
+            self.frames = frames
+
+        def recv_multipart(self) -> asyncio.Future:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(self.frames.pop(0))
+            return fut
+
+    class _Channel:
+        def __init__(self, session: Session, frames: list[list[bytes]]) -> None:
+            self.session, self.socket = session, _Socket(frames)
+
+    kernel_side, box_side = Session(key=b"right"), Session(key=b"right")
+    parent = box_side.msg("execute_request", {})
+    good = kernel_side.serialize(kernel_side.msg("stream", {"name": "stdout", "text": "hi"}, parent=parent))
+    forged = Session(key=b"wrong").serialize(Session(key=b"wrong").msg("stream", {"text": "x"}, parent=parent))
+    foreign = kernel_side.serialize(kernel_side.msg("stream", {"text": "y"}, parent=box_side.msg("execute_request", {})))
+    channel = _Channel(box_side, [forged, foreign, [b"junk"], good])
+    msg_id = parent["header"]["msg_id"]
+    assert await _recv(channel, msg_id, 1.0) is None
+    assert await _recv(channel, msg_id, 1.0) is None
+    assert await _recv(channel, msg_id, 1.0) is None
+    assert await _recv(channel, msg_id, 1.0) == ("stream", {"name": "stdout", "text": "hi"})
