@@ -270,7 +270,8 @@ class DockerDriver(Driver):
             volumes[os.path.abspath(host)] = {"bind": target, "mode": "ro"}
         labels = {**spec.labels, LABEL_MANAGED: "true"}
         # The token last: a caller's environment cannot replace it.
-        env = {**spec.environment, "SECRET_TOKEN": spec.token}
+        # CORRAL_BOX_CONTAINER: the box owns this PID namespace and /tmp, so its reset may clear both
+        env = {**spec.environment, "SECRET_TOKEN": spec.token, "CORRAL_BOX_CONTAINER": "1"}
         host_config: dict[str, Any] = dict(
             port_bindings={BOX_PORT: (cfg.host_ip, None)},
             binds=volumes,
@@ -338,7 +339,12 @@ class DockerDriver(Driver):
             info = await self._call(f"inspecting container {spec.name}", api.inspect_container, container_id)
             handle = self._handle_from_inspect(info)
             if handle.url is None:
-                raise DriverError(f"container {spec.name} has no port published for {_PORT_KEY}")
+                # a box that dies at once leaves no port mapping behind: say how it ended
+                st = info.get("State") or {}
+                raise DriverError(
+                    f"container {spec.name} has no port published for {_PORT_KEY} "
+                    f"(status {st.get('Status')}, exit code {st.get('ExitCode')})"
+                )
             await self._wait_ready(container_id, spec.name, handle.url, spec.token, spec.ready_timeout)
         except BaseException as e:
             cancelled = not isinstance(e, Exception)

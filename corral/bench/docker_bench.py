@@ -44,6 +44,7 @@ __all__ = ["main", "run"]
 _POLL = 0.02
 TARGET_RATIO = 1.3
 TARGET_TEARDOWN_MS = 300.0
+TARGET_RESET_MS = 100.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -88,7 +89,8 @@ async def run(runs: int = 5, image: str = "corral-box:latest", warmup: int = 1, 
     client = docker.from_env()
     driver = DockerDriver()
     made: list[str] = []
-    samples: dict[str, list[float]] = {"driver_ready": [], "bare_ready": [], "teardown": [], "stop": []}
+    samples: dict[str, list[float]] = {"driver_ready": [], "bare_ready": [], "teardown": [], "stop": [],
+                                       "reset": [], "reset_kernel": []}
     tmp = tempfile.mkdtemp(prefix="corral-bench-")
     try:
         for i in range(warmup + runs):
@@ -125,14 +127,37 @@ async def run(runs: int = 5, image: str = "corral-box:latest", warmup: int = 1, 
             stop = time.perf_counter() - t0
             await driver.remove(h2.container_id)
 
+            # Reset for reuse, on a sandbox that was used: files, a background process, kernel state.
+            spec3 = spec.model_copy(update={"name": f"corral-bench-r-{secrets.token_hex(4)}",
+                                            "workspace": f"{tmp}/ws{i}r"})
+            made.append(spec3.name)
+            h3 = await driver.create(spec3)
+            from corral.client import AsyncBoxClient
+
+            async with AsyncBoxClient(h3.url, token) as box:
+                await box.python("x = 1")
+                await box.shell("echo data > /workspace/f.txt; mkdir -p /workspace/d; (sleep 300 &)")
+                t0 = time.perf_counter()
+                await box.reset(restart_kernel=False)
+                reset = time.perf_counter() - t0
+                await box.shell("echo data > /workspace/g.txt")
+                t0 = time.perf_counter()
+                await box.reset(restart_kernel=True)
+                await box.python("None")  # the sandbox is warm again once its new kernel runs a cell
+                reset_kernel = time.perf_counter() - t0
+            await driver.remove(h3.container_id)
+
             if record:
                 samples["driver_ready"].append(ready)
                 samples["bare_ready"].append(bare_ready)
                 samples["teardown"].append(teardown)
                 samples["stop"].append(stop)
+                samples["reset"].append(reset)
+                samples["reset_kernel"].append(reset_kernel)
             print(
                 f"  run {i + 1 - warmup if record else 'warm-up'}: driver {ready * 1e3:.0f} ms, "
-                f"bare {bare_ready * 1e3:.0f} ms, teardown {teardown * 1e3:.0f} ms, stop {stop * 1e3:.0f} ms",
+                f"bare {bare_ready * 1e3:.0f} ms, teardown {teardown * 1e3:.0f} ms, stop {stop * 1e3:.0f} ms, "
+                f"reset {reset * 1e3:.0f} ms, reset+kernel {reset_kernel * 1e3:.0f} ms",
                 file=sys.stderr,
             )
     finally:
@@ -158,7 +183,8 @@ def _print(result: dict) -> None:
     print(f"corral docker driver bench: image {result['image']}, {result['runs']} runs")
     print(f"{'':24}{'p50 ms':>10}{'p90 ms':>10}")
     for key, label in [("driver_ready", "create->ready (driver)"), ("bare_ready", "create->ready (bare)"),
-                       ("teardown", "teardown (remove)"), ("stop", "stop (SIGTERM)")]:
+                       ("teardown", "teardown (remove)"), ("stop", "stop (SIGTERM)"),
+                       ("reset", "reset (kernel kept)"), ("reset_kernel", "reset + new kernel ready")]:
         print(f"{label:24}{s[key]['p50_ms']:>10.0f}{s[key]['p90_ms']:>10.0f}")
     ratio = result["ready_ratio_p50"]
     verdict = "ok" if ratio <= TARGET_RATIO else "OVER TARGET"
@@ -166,6 +192,9 @@ def _print(result: dict) -> None:
     td = s["teardown"]["p50_ms"]
     verdict = "ok" if td < TARGET_TEARDOWN_MS else "OVER TARGET"
     print(f"teardown p50: {td:.0f} ms  (target < {TARGET_TEARDOWN_MS:.0f} ms: {verdict})")
+    rs = s["reset"]["p50_ms"]
+    verdict = "ok" if rs < TARGET_RESET_MS else "OVER TARGET"
+    print(f"reset-and-reuse p50 without a kernel restart: {rs:.0f} ms  (target < {TARGET_RESET_MS:.0f} ms: {verdict})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -182,6 +182,13 @@ class Kernel:
             else:
                 self.start_background()
 
+    def pid(self) -> Optional[int]:
+        """The kernel process's pid (None when no kernel runs)."""
+        km = self._km
+        prov = getattr(km, "provisioner", None) if km is not None else None
+        proc = getattr(prov, "process", None)
+        return getattr(proc, "pid", None) or getattr(prov, "pid", None)
+
     async def alive(self) -> bool:
         km = self._km
         return km is not None and await km.is_alive()

@@ -11,6 +11,7 @@ box's state for reuse; ``close()`` releases everything and is idempotent.
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import tempfile
 import time
@@ -29,6 +30,30 @@ __all__ = ["BoxRuntime"]
 
 #: Variables of the box's own process that user code must not inherit.
 _PRIVATE_ENV = ("SECRET_TOKEN",)
+
+
+def _pid1_is_container_init() -> bool:
+    """True when PID 1 is a container's init (tini, docker-init): never act on a host's processes."""
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0")[0]
+    except OSError:
+        return False
+    return os.path.basename(argv0).decode(errors="replace") in ("tini", "docker-init", "tini-static")
+
+
+def kill_everything_but(spare: set) -> int:
+    """SIGKILL every process of this PID namespace not in ``spare``; returns how many."""
+    killed = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in spare:
+            continue
+        try:
+            os.kill(int(entry), signal.SIGKILL)
+            killed += 1
+        except (ProcessLookupError, PermissionError):
+            pass
+    return killed
 
 
 def check_env(env: object, field: str = "env") -> dict[str, str]:
@@ -62,6 +87,7 @@ class BoxRuntime:
         self.kernel = Kernel(root, self.state_dir, self.env)
         self.mcp = McpHost(root, self.state_dir, self.env)
         self._closed = False
+        self.in_container = os.environ.get("CORRAL_BOX_CONTAINER") == "1" and _pid1_is_container_init()
 
     def env(self) -> dict[str, str]:
         """The environment a new process gets: the box's (minus its secrets) plus the session env."""
@@ -87,10 +113,17 @@ class BoxRuntime:
         }
 
     async def reset(self, restart_kernel: bool = True) -> dict:
-        """Back to a fresh box: kill processes, wipe files, drop the session env, zero the counters."""
+        """Back to a fresh box: kill processes, wipe files, drop the session env, zero the counters.
+
+        Inside a container (``CORRAL_BOX_CONTAINER=1``, set by the Docker driver) the box owns
+        the PID namespace and the /tmp tmpfs, so it also kills every other process (a daemon that
+        escaped its process group included) and empties all of /tmp: a reused sandbox keeps nothing.
+        """
         start = time.perf_counter()
         killed = self.shell.kill_all()
         killed += await self.mcp.close()
+        if self.in_container:
+            killed += kill_everything_but({1, os.getpid(), self.kernel.pid()})
         self.session_env.clear()
         if restart_kernel:
             # The new kernel boots while we wipe; the next cell waits for it if needed.
@@ -99,6 +132,10 @@ class BoxRuntime:
             await self.kernel.reset_namespace(self.env())
         self.workspace.wipe()
         wipe_dir(self.tmp_dir)
+        if self.in_container:
+            tmp_root = Path(tempfile.gettempdir())
+            keep = {p.name for p in (self.state_dir, self.tmp_dir) if p.parent == tmp_root}
+            wipe_dir(tmp_root, keep=keep)
         self.activity.reset()
         return {"ok": True, "duration_ms": (time.perf_counter() - start) * 1000, "killed": killed}
 

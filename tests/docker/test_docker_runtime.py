@@ -38,6 +38,11 @@ def wait_for(pred, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _exists(client, name) -> bool:
+    # the low-level list does not inspect each container, so it cannot race other removals
+    return any(f"/{name}" in c["Names"] for c in client.api.containers(all=True, filters={"name": name}))
+
+
 def _labels(client, name):
     return client.containers.get(name).labels
 
@@ -55,8 +60,7 @@ def test_acquire_runs_in_a_labelled_container(docker_manager, docker_client):
         assert labels["corral.registry"] == m.config.namespace
         assert labels["corral.name"] == sb.name
         name = sb.name
-    wait_for(lambda: not [c for c in docker_client.containers.list(all=True) if c.name == name],
-             what="the released container to be removed")
+    wait_for(lambda: not _exists(docker_client, name), what="the released container to be removed")
 
 
 def test_workspace_survives_reap_and_restore(docker_manager, docker_client):
@@ -65,8 +69,7 @@ def test_workspace_survives_reap_and_restore(docker_manager, docker_client):
     sb.write("work/keep.txt", "kept across containers")
     old = sb.name
     wait_for(lambda: m.get_info(old)["state"] == "RECYCLED", what="the reap")
-    wait_for(lambda: not [c for c in docker_client.containers.list(all=True) if c.name == old],
-             what="the reaped container to go")
+    wait_for(lambda: not _exists(docker_client, old), what="the reaped container to go")
     assert sb.read_text("work/keep.txt") == "kept across containers"  # restored on touch
     assert sb.name != old and m.get_info(old)["container_name"] == sb.name
     sb.release()
@@ -118,7 +121,7 @@ def test_reuse_reset_leaves_nothing_behind(docker_manager):
     # the pool refilled while the first session ran, so the reset container is one of two warm ones
     got = [m.acquire(), m.acquire()]
     sb2 = next(s for s in got if s.name == first)
-    r = sb2.shell("ls -A /workspace; ls /tmp/b.txt 2>/dev/null; pgrep -f 'sleep 300' || true")
+    r = sb2.shell("ls -A /workspace; ls /tmp/b.txt 2>/dev/null; pgrep -f 'sleep 30[0]' || true")
     assert r.stdout.strip() == ""
     for s in got:
         s.release()

@@ -31,7 +31,7 @@ def test_run_kwargs_carry_security_and_token_wins():
                          labels={"corral.managed": "false", "x": "y"}, cpus=1.5, pids_limit=10)
     kw = d._run_kwargs(spec)
     hc = kw["host_config"]
-    assert kw["environment"] == {"A": "1", "SECRET_TOKEN": "real"}
+    assert kw["environment"] == {"A": "1", "SECRET_TOKEN": "real", "CORRAL_BOX_CONTAINER": "1"}
     assert kw["labels"] == {"corral.managed": "true", "x": "y"}
     assert hc["port_bindings"] == {8000: ("127.0.0.1", None)}
     assert hc["nano_cpus"] == 1_500_000_000 and hc["pids_limit"] == 10
