@@ -37,6 +37,8 @@ __all__ = ["PoolActor"]
 
 logger = logging.getLogger("corral.pool")
 HEALTH_EVERY = 5.0
+HEALTH_FAILURES = 3  # consecutive failed health checks before a warm container is dropped
+DRAIN_TIMEOUT = 30.0
 SHRINK_AFTER = 30.0
 WARM_UP_TIMEOUT = 60.0  # seconds a new or reset sandbox's kernel may take to run its first cell
 
@@ -63,6 +65,8 @@ class PoolActor:
         self.started_total = 0
         self.failed_total = 0
         self.draining = False
+        self.dropped_total = 0
+        self._health_fails: dict[str, int] = {}
 
     # -- boot ------------------------------------------------------------------
 
@@ -199,6 +203,7 @@ class PoolActor:
             return
         while self._waiters:
             fut = self._waiters.popleft()
+            self.core.waiting = len(self._waiters)  # served now, not when the waiter wakes up
             if not fut.done():
                 fut.set_result(name)
                 return
@@ -230,7 +235,7 @@ class PoolActor:
     async def _wait_for_warm(self, deadline: float, timeout: float) -> str:
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
-        self.core.waiting += 1
+        self.core.waiting = len(self._waiters)
         self._ticker.kick()
         try:
             return await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
@@ -240,13 +245,13 @@ class PoolActor:
                 f"(warm={len(self.core.warm)}, starting={self.core.starting}, waiting={self.core.waiting})"
             ) from None
         finally:
-            self.core.waiting -= 1
             if not fut.done():
                 fut.cancel()
             try:
                 self._waiters.remove(fut)
             except ValueError:
                 pass
+            self.core.waiting = len(self._waiters)
 
     async def create(self, session_ctx_id: Optional[str] = None, meta: Optional[dict] = None,
                      mount_dir: Optional[str] = None, storage_path: Optional[str] = None,
@@ -325,22 +330,36 @@ class PoolActor:
             shutil.rmtree(path, ignore_errors=True)
 
     async def _check_health(self) -> None:
-        """Drop warm containers whose box does not answer, or whose image is outdated."""
-        for name in list(self.core.warm):
-            cid, url, token = self._boxes.get(name, (None, None, None))
-            healthy = False
-            if url and url.startswith("http"):
-                try:
-                    r = await self._http.get(f"{url}/v1/healthz", headers={"Authorization": f"Bearer {token}"},
-                                             timeout=2.0)
-                    healthy = r.status_code == 200
-                except Exception:
-                    healthy = False
-            elif cid:
-                healthy = (await self.driver.status(cid)) == "running"
-            if not healthy and self.core.discard(name):
-                logger.warning("warm container %s is unhealthy; replacing it", name)
+        """Drop warm containers whose box has failed HEALTH_FAILURES checks in a row.
+
+        One slow answer is not death: on a loaded machine, dropping a box at the first
+        timeout starts a replacement, which adds load, which fails more checks.
+        """
+        names = list(self.core.warm)
+        results = await asyncio.gather(*(self._healthy(n) for n in names))
+        for name, ok in zip(names, results):
+            if ok:
+                self._health_fails.pop(name, None)
+                continue
+            self._health_fails[name] = self._health_fails.get(name, 0) + 1
+            if self._health_fails[name] >= HEALTH_FAILURES and self.core.discard(name):
+                self._health_fails.pop(name, None)
+                self.dropped_total += 1
+                logger.warning("warm container %s failed %d health checks; replacing it", name, HEALTH_FAILURES)
                 fire(self.registry.release.remote(name), "drop unhealthy")
+
+    async def _healthy(self, name: str) -> bool:
+        cid, url, token = self._boxes.get(name, (None, None, None))
+        if url and url.startswith("http"):
+            try:
+                r = await self._http.get(f"{url}/v1/healthz", headers={"Authorization": f"Bearer {token}"},
+                                         timeout=5.0)
+                return r.status_code == 200
+            except Exception:
+                return False
+        if cid:
+            return (await self.driver.status(cid)) == "running"
+        return False
 
     # -- control ---------------------------------------------------------------
 
@@ -385,6 +404,11 @@ class PoolActor:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(CapacityError(f"pool {self.type.name!r} is shutting down"))
+        self.core.waiting = 0
+        # (4) starts in flight finish first, so whoever tears the namespace down sees their containers
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while self.core.starting and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         return self.core.stats()
 
     async def undrain(self) -> dict:
@@ -413,4 +437,4 @@ class PoolActor:
     async def stats(self) -> dict:
         await self._ready()
         return {**self.core.stats(), "started_total": self.started_total, "failed_total": self.failed_total,
-                "tick_errors": self._ticker.errors}
+                "dropped_unhealthy": self.dropped_total, "tick_errors": self._ticker.errors}

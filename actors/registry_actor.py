@@ -171,7 +171,8 @@ class RegistryActor:
 
     async def _spawn_spare(self) -> None:
         try:
-            h = self._new_session_actor()
+            # creating a named actor waits on the GCS: never on the event loop every claim shares
+            h = await asyncio.to_thread(self._new_session_actor)
             await h.describe.remote()  # returns once the process is up
             self._spares.append(h)
         finally:
@@ -180,29 +181,41 @@ class RegistryActor:
     async def _session_actor(self, session_ctx_id: str):
         h = self._session_actors.get(session_ctx_id)
         if h is None:
-            h = self._spares.pop() if self._spares else self._new_session_actor()
-            self._session_actors[session_ctx_id] = h
+            h = self._spares.pop() if self._spares else await asyncio.to_thread(self._new_session_actor)
+            h = self._session_actors.setdefault(session_ctx_id, h)  # another claim may have won meanwhile
             if self._ticker:
                 self._ticker.kick()  # top the spares up again
         return h
 
-    async def _attach(self, rec) -> None:
-        """Give the record's session an actor (a spare, or a new one) and add the container to it."""
+    async def _attach(self, rec, wait: bool = False) -> None:
+        """Give the record's session an actor (a spare, or a new one) and add the container to it.
+
+        The actor is chosen now; the ``attach`` call is sent without waiting unless ``wait``
+        (Ray runs one caller's calls to an actor in order, so a later ``unbind`` cannot overtake
+        it). A dead actor is replaced and the attach retried in the background.
+        """
         sid = rec.session_ctx_id
         if not sid:
             return
-        for attempt in (1, 2):
-            h = await self._session_actor(sid)
-            try:
-                await h.attach.remote(sid, self.config.timeout_for(rec.sandbox_type), rec.container_name, rec.url,
-                                      rec.runtime_token)
-                return
-            except ray.exceptions.RayActorError:
-                # a dead spare (or a session actor that died): never leave a session without a clock
-                if self._session_actors.get(sid) is h:
-                    del self._session_actors[sid]
-                if attempt == 2:
-                    raise
+        h = await self._session_actor(sid)
+        ref = h.attach.remote(sid, self.config.timeout_for(rec.sandbox_type), rec.container_name, rec.url,
+                              rec.runtime_token)
+        if wait:
+            await ref
+        else:
+            fire(self._confirm_attach(ref, h, rec), f"attach {rec.container_name}")
+
+    async def _confirm_attach(self, ref, h, rec) -> None:
+        try:
+            await ref
+        except ray.exceptions.RayActorError:
+            # a dead spare (or a session actor that died): never leave a session without a clock
+            sid = rec.session_ctx_id
+            if self._session_actors.get(sid) is h:
+                del self._session_actors[sid]
+            live = self.core.records.get(rec.container_name)
+            if live is not None and live.state == S.RUNNING and live.session_ctx_id == sid:
+                await self._attach(live, wait=True)
 
     async def _ensure_session_actors(self) -> None:
         """Every session with a RUNNING container has a live actor (reconcile: actors die too)."""
@@ -220,7 +233,7 @@ class RegistryActor:
                     logger.warning("session actor of %s is gone; giving the session a new one", sid)
                     self._session_actors.pop(sid, None)
             for rec in running:
-                await self._attach(rec)
+                await self._attach(rec, wait=True)
 
     async def _detach(self, sid: Optional[str], name: str) -> None:
         if not sid:

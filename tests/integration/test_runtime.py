@@ -105,7 +105,7 @@ def test_pool_refills_and_replaces_a_dead_warm_box(make_manager):
     warm = [r for r in m.status()["records"] if r["state"] == "WARM"]
     victim = warm[0]["container_name"]
     m.stop(victim)  # the box dies under the pool
-    wait_for(lambda: m.get_info(victim)["state"] == "RELEASED", timeout=30, what="the dead box to be dropped")
+    wait_for(lambda: m.get_info(victim)["state"] == "RELEASED", timeout=60, what="the dead box to be dropped")
     wait_for(lambda: m.status()["pools"]["base"]["warm"] == 2, timeout=60, what="the pool to refill")
 
 
