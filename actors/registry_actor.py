@@ -40,7 +40,8 @@ __all__ = ["RegistryActor"]
 logger = logging.getLogger("corral.registry")
 S = ContainerState
 COMPACT_EVERY = 5000  # log lines between snapshots
-SPARE_TRIM_AFTER = 60.0  # seconds spare session actors may stay above `spare_sessions`
+SPARE_TRIM_AFTER = 60.0
+MAX_SPAWNING = 4  # session actors being started at once  # seconds spare session actors may stay above `spare_sessions`
 
 
 class RegistryActor:
@@ -165,16 +166,26 @@ class RegistryActor:
                 ray.kill(self._spares.pop(0), no_restart=True)
             self._spare_surplus_since = None
         want = self.config.spare_sessions - len(self._spares) - self._spawning
+        # a few at a time: each is a Python process that takes about a second of CPU to start
+        want = min(want, MAX_SPAWNING - self._spawning)
         for _ in range(max(0, want)):
             self._spawning += 1
             fire(self._spawn_spare(), "spawn session actor")
 
     async def _spawn_spare(self) -> None:
+        h = None
         try:
             # creating a named actor waits on the GCS: never on the event loop every claim shares
             h = await asyncio.to_thread(self._new_session_actor)
             await h.describe.remote()  # returns once the process is up
             self._spares.append(h)
+        except Exception:
+            if h is not None:  # half-started: make sure it does not linger
+                try:
+                    ray.kill(h, no_restart=True)
+                except Exception:
+                    pass
+            raise
         finally:
             self._spawning -= 1
 
