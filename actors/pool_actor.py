@@ -313,7 +313,7 @@ class PoolActor:
             return False
         try:
             async with AsyncBoxClient(rec.url, rec.runtime_token, http_client=self._http) as box:
-                await box.reset()
+                await box.reset(restart_kernel=self.type.kernel_reset == "restart")
             await self._warm_up(rec.url, rec.runtime_token)
             return True
         except Exception as e:

@@ -78,6 +78,7 @@ class BenchParams:
     timeout: float = 600.0  # seconds an acquire or a pool warm-up may take
     namespace_prefix: str = "corral-bench"
     progress: bool = True
+    kernel_reset: str = "restart"  # how the reuse system resets a sandbox's kernel
 
     def validate(self) -> "BenchParams":
         from corral.errors import InvalidRequest
@@ -193,7 +194,8 @@ def _config(p: BenchParams, system: str, workdir: str):
         state_dir=os.path.join(root, "state"),
         default_mount_dir=os.path.join(root, "mounts"),
         acquire_timeout=p.timeout,
-        sandbox_types={"base": SandboxTypeConfig(name="base", image=p.image, reuse=reuse)},
+        sandbox_types={"base": SandboxTypeConfig(name="base", image=p.image, reuse=reuse,
+                                                 kernel_reset=p.kernel_reset)},
     )
 
 
@@ -672,6 +674,8 @@ def add_arguments(ap: argparse.ArgumentParser, driver: bool = True) -> None:
     ap.add_argument("--image", default="corral-box:latest", help="sandbox image (docker driver)")
     ap.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--kernel-reset", choices=["restart", "namespace"], default="restart",
+                    help="how the reuse system resets a sandbox's kernel (default: restart)")
     if driver:
         ap.add_argument("--driver", dest="bench_driver", choices=["process", "docker"],
                         help="container_deployment (default: process)")
@@ -690,6 +694,7 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
         quick=args.quick,
         namespace_prefix=f"{getattr(args, 'namespace', None) or 'corral'}-bench",
         progress=not args.no_progress,
+        kernel_reset=args.kernel_reset,
     ).validate()
 
 

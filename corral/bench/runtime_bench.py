@@ -4,9 +4,11 @@
 
 For each mode (``reuse``: released sandboxes are reset and go back to the pool;
 ``destroy``: the reference's behaviour) it starts a fresh namespace with a
-warm pool of ``--workers`` sandboxes, then runs ``--workers`` concurrent
-workers doing ``--cycles`` acquire / one shell call / release cycles each, and
-prints acquire, tool-call and release latency (p50/p99), cycles per second,
+warm pool of ``--workers`` sandboxes. It first measures warm bursts: all
+workers acquire at once from the full pool, then release (the acquire and
+release paths themselves). Then ``--workers`` concurrent workers do
+``--cycles`` acquire / one shell call / release cycles each (there an acquire
+includes waiting for a reset or a cold start), and it prints acquire, tool-call and release latency (p50/p99), cycles per second,
 the tool-call latency through a handle next to direct HTTP to the same box
 (the heartbeat adds no actor round trip to a tool call), and the memory a live
 session costs (its session actor's unique memory, and its box's).
@@ -110,7 +112,7 @@ async def _direct_vs_handle(sb, n: int = 50) -> dict:
     return {"handle_ms": summary(handle), "direct_ms": summary(direct)}
 
 
-def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = False) -> dict:
+def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = False, bursts: int = 3) -> dict:
     from corral import SandboxManager, SandboxManagerEnvConfig, SandboxTypeConfig
     from corral.manager.cluster import down
 
@@ -156,6 +158,26 @@ def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = Fa
                 except Exception as e:  # counted and reported, never hidden
                     errors.append(f"{type(e).__name__}: {e}")
 
+        async def burst() -> tuple[list, list]:
+            """Warm acquire and release latency: ``workers`` acquirers at once on a full warm pool."""
+            b_acq, b_rel = [], []
+
+            async def one():
+                t0 = time.perf_counter()
+                sb = await m.acquire_async(timeout=600)
+                b_acq.append((time.perf_counter() - t0) * 1000)
+                return sb
+
+            sbs = await asyncio.gather(*(one() for _ in range(workers)))
+
+            async def rel(sb):
+                t0 = time.perf_counter()
+                await sb.release()
+                b_rel.append((time.perf_counter() - t0) * 1000)
+
+            await asyncio.gather(*(rel(sb) for sb in sbs))
+            return b_acq, b_rel
+
         async def main() -> tuple[float, dict, dict]:
             t0 = time.perf_counter()
             await asyncio.gather(*(worker(i) for i in range(workers)))
@@ -168,8 +190,20 @@ def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = Fa
                 await s.release()
             return wall, mem, lat
 
+        burst_acq, burst_rel = [], []
+        for _ in range(bursts):
+            m.reserve(n=0, wait=True, timeout=900)  # full again after the previous burst's resets
+            a, r = asyncio.run(burst())
+            burst_acq += a
+            burst_rel += r
+        if not quiet:
+            print(f"[{mode}] warm bursts done: acquire p50 {pct(burst_acq, 50)} ms, release p50 {pct(burst_rel, 50)} ms",
+                  flush=True)
+        m.reserve(n=0, wait=True, timeout=900)
         wall, mem, lat = asyncio.run(main())
         return {
+            "warm_burst_acquire_ms": summary(burst_acq),
+            "warm_burst_release_ms": summary(burst_rel),
             "mode": mode,
             "driver": driver,
             "workers": workers,
@@ -201,6 +235,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     results = [run_mode(mode, args.workers, args.cycles, args.driver) for mode in args.modes.split(",")]
     print()
+    print("warm bursts (all workers acquire at once from a full warm pool, then release):")
+    for r in results:
+        print(f"  {r['mode']:8} acquire p50 {r['warm_burst_acquire_ms']['p50']} ms p99 {r['warm_burst_acquire_ms']['p99']} ms; "
+              f"release p50 {r['warm_burst_release_ms']['p50']} ms p99 {r['warm_burst_release_ms']['p99']} ms")
+    print("cycles (each worker: acquire, one shell call, release; acquire includes waiting for a reset or a cold start):")
     print(f"{'mode':8} {'cycles/s':>9} {'acq p50':>8} {'acq p99':>8} {'tool p50':>9} {'rel p50':>8} "
           f"{'rel p99':>8} {'errors':>6}")
     for r in results:

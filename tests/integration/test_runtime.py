@@ -234,8 +234,10 @@ print(name, flush=True)
     wait_for(lambda: m.get_info(name)["state"] == "RECYCLED", timeout=30, what="the heartbeat timeout to reclaim it")
 
 
-def test_reuse_resets_the_sandbox_between_sessions(make_manager):
-    m = make_manager(pool_size=1, sandbox_types={"base": SandboxTypeConfig(name="base", reuse=True)})
+@pytest.mark.parametrize("kernel_reset", ["restart", "namespace"])
+def test_reuse_resets_the_sandbox_between_sessions(make_manager, kernel_reset):
+    m = make_manager(pool_size=1, sandbox_types={
+        "base": SandboxTypeConfig(name="base", reuse=True, kernel_reset=kernel_reset)})
     m.reserve(n=0, wait=True)
     sb = m.acquire(env={"SECRET_OF_A": "a"})
     sb.write("left-behind.txt", "x")
