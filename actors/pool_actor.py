@@ -280,7 +280,8 @@ class PoolActor:
             except Exception as e:  # the container still goes; the failure is logged, not hidden
                 logger.warning("upload of %s to %s failed: %s", name, rec.storage_path, e)
         if action == "reset":
-            ok = await self._reset(rec)
+            async with self._starts:  # a kernel restart costs as much CPU as a start: same bound
+                ok = await self._reset(rec)
             back = await self.registry.reset_done.remote(name, ok)
             if ok and back is not None:
                 self._deliver(name)

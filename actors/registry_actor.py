@@ -41,7 +41,8 @@ logger = logging.getLogger("corral.registry")
 S = ContainerState
 COMPACT_EVERY = 5000  # log lines between snapshots
 SPARE_TRIM_AFTER = 60.0
-MAX_SPAWNING = 4  # session actors being started at once  # seconds spare session actors may stay above `spare_sessions`
+MAX_SPAWNING = 4  # session actors being started at once
+SPARE_QUIET = 2.0  # seconds without a claim before spares are topped up  # seconds spare session actors may stay above `spare_sessions`
 
 
 class RegistryActor:
@@ -59,6 +60,7 @@ class RegistryActor:
         self._spares: list[Any] = []
         self._spawning = 0
         self._spare_surplus_since: Optional[float] = None
+        self._last_claim = 0.0
         self._commit_lock = asyncio.Lock()
         self._pools: dict[str, Any] = {}
         self._driver = None
@@ -165,6 +167,8 @@ class RegistryActor:
             while len(self._spares) > self.config.spare_sessions:
                 ray.kill(self._spares.pop(0), no_restart=True)
             self._spare_surplus_since = None
+        if time.monotonic() - self._last_claim < SPARE_QUIET:
+            return  # a burst of claims is on: new processes now would slow it, and its actors come back
         want = self.config.spare_sessions - len(self._spares) - self._spawning
         # a few at a time: each is a Python process that takes about a second of CPU to start
         want = min(want, MAX_SPAWNING - self._spawning)
@@ -345,6 +349,7 @@ class RegistryActor:
     async def claim(self, name: str, session_ctx_id: Optional[str], meta: Optional[dict] = None) -> dict:
         await self._ready()
         rec = self.core.claim(name, session_ctx_id, meta)
+        self._last_claim = time.monotonic()
         await self._commit()
         await self._attach(rec)
         self.metrics.claims.inc()

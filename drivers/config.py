@@ -21,6 +21,7 @@ class ProcessDriverConfig(BaseModel):
     type: Literal["process"] = "process"
     root: str = Field(".corral/process", description="Where per-sandbox metadata, logs and temp dirs live.")
     python: Optional[str] = Field(None, description="Interpreter that runs the box; None = this one.")
+    nice: int = Field(5, ge=0, le=19, description="CPU niceness of the boxes: sandboxed work yields to corral's actors.")
 
 
 class DockerDriverConfig(BaseModel):

@@ -50,10 +50,12 @@ _LAUNCH_GRACE = 5.0  # seconds remove() waits for an in-flight launch to record 
 # reparented away from the caller (Ray kills an actor's children when the actor
 # exits; a sandbox must outlive it), and the driver knows the pid at once, so a
 # create that times out or is cancelled while the box boots can still kill it.
+# The box runs at a lower CPU priority (nice) than corral's actors: a sandbox's work must not
+# starve the control plane that hands sandboxes out (a container gets CPU shares the same way).
 _LAUNCHER = (
-    "import subprocess, sys\n"
-    "p = subprocess.Popen(sys.argv[1:], start_new_session=True, stdin=subprocess.DEVNULL,"
-    " stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno())\n"
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:], start_new_session=True, stdin=subprocess.DEVNULL,"
+    " stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(), preexec_fn=lambda: os.nice(int(sys.argv[1])))\n"
     "print(p.pid, flush=True)\n"
 )
 
@@ -191,7 +193,7 @@ class ProcessDriver(Driver):
         }
         port = meta.get("port") or 0
         cmd = [
-            self.python, "-c", _LAUNCHER, self.python, "-m", "corral.box",
+            self.python, "-c", _LAUNCHER, str(self.config.nice), self.python, "-m", "corral.box",
             "--host", "127.0.0.1", "--port", str(port),
             "--workspace", meta["workspace"], "--ready-file", str(ready),
         ]
