@@ -196,8 +196,10 @@ class RegistryActor:
     async def _session_actor(self, session_ctx_id: str):
         h = self._session_actors.get(session_ctx_id)
         if h is None:
-            h = self._spares.pop() if self._spares else await asyncio.to_thread(self._new_session_actor)
-            h = self._session_actors.setdefault(session_ctx_id, h)  # another claim may have won meanwhile
+            new = self._spares.pop() if self._spares else await asyncio.to_thread(self._new_session_actor)
+            h = self._session_actors.setdefault(session_ctx_id, new)
+            if h is not new:  # another claim for this session won while we created ours: keep it as a spare
+                self._spares.append(new)
             if self._ticker:
                 self._ticker.kick()  # top the spares up again
         return h
