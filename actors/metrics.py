@@ -21,6 +21,8 @@ class RegistryMetrics:
         self.releases = Counter("corral_releases_total", "Release calls")
         self.reaps = Counter("corral_reaps_total", "Sessions reaped after their heartbeat timeout")
         self.restores = Counter("corral_restores_total", "Sessions restored")
+        self.acquire_ms = Histogram("corral_acquire_ms", "Acquire latency inside the registry actor (ms)",
+                                    boundaries=_LAT_BOUNDS, tag_keys=("sandbox_type",))
 
     def set_counts(self, counts: dict, sessions: int, spares: int) -> None:
         for state in ("STARTING", "WARM", "RUNNING", "RESETTING", "RECYCLED", "REPLACED", "RELEASED"):
@@ -35,11 +37,9 @@ class PoolMetrics:
         self.warm = Gauge("corral_pool_warm", "Warm containers ready", tag_keys=("sandbox_type",))
         self.starting = Gauge("corral_pool_starting", "Containers being started", tag_keys=("sandbox_type",))
         self.waiting = Gauge("corral_pool_waiting", "Acquirers waiting for a container", tag_keys=("sandbox_type",))
-        self.acquire_ms = Histogram("corral_acquire_ms", "Acquire latency inside the pool actor (ms)",
-                                    boundaries=_LAT_BOUNDS, tag_keys=("sandbox_type",))
         self.start_ms = Histogram("corral_container_start_ms", "Container create-to-ready (ms)",
                                   boundaries=_LAT_BOUNDS, tag_keys=("sandbox_type",))
-        for m in (self.warm, self.starting, self.waiting, self.acquire_ms, self.start_ms):
+        for m in (self.warm, self.starting, self.waiting, self.start_ms):
             m.set_default_tags(tags)
 
 

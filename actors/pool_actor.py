@@ -1,16 +1,17 @@
-"""PoolActor: one sandbox type's warm pool and every driver call for that type.
+"""PoolActor: one sandbox type's refills, health checks, resets, and every driver call for that type.
 
-What it owns: a :class:`PoolCore` (warm names, starts in flight, target,
-waiters), the driver instance that creates and removes this type's containers,
-and what it needs to reach each warm box (url, token) for health checks and
-resets. Records belong to the RegistryActor: the pool asks it for a slot
-(``reserve``), reports each start (``started`` / ``start_failed``) and binds a
-warm container to a session with ``claim``.
+What it owns: a :class:`PoolCore` (starts in flight, target, and its view of
+the registry's warm and waiting counts) and the driver instance that creates
+and removes this type's containers. Records, and so which containers are WARM,
+belong to the RegistryActor, which also serves acquires: the pool asks it for
+a slot (``reserve``), reports each start (``started`` / ``start_failed``) and
+reset (``reset_done``), and is sent the warm/waiting counts after they change
+(``view``), from which it refills. It is never on an acquire's path.
 
 Its event loop never blocks on a driver call: drivers are async (Docker runs
-in threads), refills run as background tasks bounded by a semaphore, and an
-acquire only pops a name and makes one registry call. Detached, named,
-restarted forever; after a restart it rebuilds its warm set from the registry.
+in threads) and refills run as background tasks bounded by a semaphore.
+Detached, named, restarted forever; after a restart it asks the registry for
+its counts again.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import logging
 import os
 import shutil
 import time
-from collections import deque
-from typing import Any, Optional
+from typing import Optional
 
 import ray
 
 from corral.core.pool import PoolCore
 from corral.drivers import ContainerSpec, make_driver
-from corral.errors import CapacityError, Conflict, CorralError, DriverError, InvalidRequest, NotFound
+from corral.errors import CapacityError, CorralError, DriverError, InvalidRequest
 from corral.models import ContainerModel, SandboxManagerEnvConfig, check_env, labels_for
 
 from .common import REGISTRY_NAME, Ticker, fire
@@ -52,8 +52,6 @@ class PoolActor:
         self.ns = self.config.namespace
         self.core = PoolCore(self.type.name, self.config.pool_target(self.type.name))
         self._starts = asyncio.Semaphore(max_parallel_starts)
-        self._waiters: deque[asyncio.Future] = deque()
-        self._boxes: dict[str, tuple[str, Optional[str], Optional[str]]] = {}  # name -> (container_id, url, token)
         self._boot_task: Optional[asyncio.Task] = None
         self._ticker: Optional[Ticker] = None
         self._health_due = 0.0
@@ -81,14 +79,13 @@ class PoolActor:
         self.driver = make_driver(self.config.driver_config())
         self.registry = ray.get_actor(REGISTRY_NAME, namespace=self.ns)
         self._http = httpx.AsyncClient(timeout=5.0)
-        for r in await self.registry.records.remote(self.type.name, ["WARM", "RESETTING"]):
+        for r in await self.registry.records.remote(self.type.name, ["RESETTING"]):
+            # a reset cut off by our restart: we cannot know it finished, so the container goes
             rec = ContainerModel.model_validate(r)
-            if rec.state.value == "WARM":
-                self._boxes[rec.container_name] = (rec.container_id, rec.url, rec.runtime_token)
-                self.core.put(rec.container_name)
-            else:  # a reset cut off by our restart: we cannot know it finished, so the container goes
-                await self.registry.reset_done.remote(rec.container_name, False)
-                fire(self.driver.remove(rec.container_id), "remove half-reset container")
+            await self.registry.reset_done.remote(rec.container_name, False)
+            fire(self.driver.remove(rec.container_id), "remove half-reset container")
+        v = await self.registry.pool_view.remote(self.type.name)
+        self.core.view(v["warm"], v["waiting"], v["claimed"])
         self._ticker = Ticker(f"pool-{self.type.name}", 0.5, self._tick)
         self._ticker.start()
 
@@ -114,15 +111,12 @@ class PoolActor:
         elif self._surplus_since is None:
             self._surplus_since = time.monotonic()
         elif time.monotonic() - self._surplus_since > SHRINK_AFTER:
-            for _ in range(self.core.surplus()):
-                name = self.core.take()
-                if name:
-                    fire(self.registry.release.remote(name), "shrink pool")
+            fire(self.registry.drop_warm.remote(self.type.name, None, self.core.surplus()), "shrink pool")
             self._surplus_since = None
         if time.monotonic() >= self._health_due:
             self._health_due = time.monotonic() + HEALTH_EVERY
             await self._check_health()
-        self.metrics.warm.set(len(self.core.warm))
+        self.metrics.warm.set(self.core.warm)
         self.metrics.starting.set(self.core.starting)
         self.metrics.waiting.set(self.core.waiting)
 
@@ -139,7 +133,8 @@ class PoolActor:
                 return
             rec = await self._start(ContainerModel.model_validate(rec), {})
             ok = True
-            self._deliver(rec.container_name)
+            if self.draining:  # a start that finished after drain(): it goes, it does not refill
+                fire(self.registry.drop_warm.remote(self.type.name, [rec.container_name]), "drop after drain")
         except CapacityError:
             ok = True
         except Exception as e:
@@ -187,7 +182,6 @@ class PoolActor:
             if isinstance(e, CorralError) or not isinstance(e, Exception):
                 raise
             raise DriverError(f"could not start {name}: {type(e).__name__}: {e}") from None
-        self._boxes[name] = (handle.container_id, handle.url, rec.runtime_token)
         self.started_total += 1
         try:
             out = await self.registry.started.remote(name, handle.container_id, handle.url, handle.ports)
@@ -196,62 +190,7 @@ class PoolActor:
             raise
         return ContainerModel.model_validate(out)
 
-    def _deliver(self, name: str) -> None:
-        """A warm container is ready: the longest waiter gets it, else it joins the pool."""
-        if self.draining:  # a start or reset that finished after drain(): it goes, it does not refill
-            fire(self.registry.release.remote(name), "release after drain")
-            return
-        while self._waiters:
-            fut = self._waiters.popleft()
-            self.core.waiting = len(self._waiters)  # served now, not when the waiter wakes up
-            if not fut.done():
-                fut.set_result(name)
-                return
-        self.core.put(name)
-
-    # -- the hot path ----------------------------------------------------------
-
-    async def acquire(self, session_ctx_id: Optional[str] = None, meta: Optional[dict] = None,
-                      timeout: Optional[float] = None) -> dict:
-        """A warm container bound to ``session_ctx_id`` (RUNNING). Waits in line when none is warm."""
-        await self._ready()
-        t0 = time.perf_counter()
-        timeout = self.config.acquire_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            name = self.core.take()
-            if name is None:
-                name = await self._wait_for_warm(deadline, timeout)
-            try:
-                rec = await self.registry.claim.remote(name, session_ctx_id, meta)
-            except (Conflict, NotFound):
-                self._boxes.pop(name, None)
-                continue  # released under us (cleanup, health): take the next one
-            if self.core.deficit():
-                self._ticker.kick()
-            self.metrics.acquire_ms.observe((time.perf_counter() - t0) * 1000)
-            return rec
-
-    async def _wait_for_warm(self, deadline: float, timeout: float) -> str:
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        self.core.waiting = len(self._waiters)
-        self._ticker.kick()
-        try:
-            return await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise CapacityError(
-                f"no warm {self.type.name!r} sandbox within {timeout:.0f}s "
-                f"(warm={len(self.core.warm)}, starting={self.core.starting}, waiting={self.core.waiting})"
-            ) from None
-        finally:
-            if not fut.done():
-                fut.cancel()
-            try:
-                self._waiters.remove(fut)
-            except ValueError:
-                pass
-            self.core.waiting = len(self._waiters)
+    # -- cold starts -----------------------------------------------------------
 
     async def create(self, session_ctx_id: Optional[str] = None, meta: Optional[dict] = None,
                      mount_dir: Optional[str] = None, storage_path: Optional[str] = None,
@@ -273,27 +212,37 @@ class PoolActor:
         await self._ready()
         rec = ContainerModel.model_validate(record)
         name = rec.container_name
-        self.core.discard(name)
         if upload and self.storage is not None and rec.mount_dir and rec.storage_path:
             try:
                 await self.storage.upload_folder_async(rec.mount_dir, rec.storage_path)
             except Exception as e:  # the container still goes; the failure is logged, not hidden
                 logger.warning("upload of %s to %s failed: %s", name, rec.storage_path, e)
         if action == "reset":
-            async with self._starts:  # a kernel restart costs as much CPU as a start: same bound
-                ok = await self._reset(rec)
-            back = await self.registry.reset_done.remote(name, ok)
+            self.core.resetting += 1
+            try:
+                async with self._starts:  # a kernel restart costs as much CPU as a start: same bound
+                    ok = await self._reset(rec)
+                back = await self.registry.reset_done.remote(name, ok)
+            finally:
+                self.core.resetting -= 1
             if ok and back is not None:
-                self._deliver(name)
+                if self.draining:
+                    fire(self.registry.drop_warm.remote(self.type.name, [name]), "drop after drain")
                 return "reset"
             action = "destroy"
-        self._boxes.pop(name, None)
         if rec.container_id:
             await self.driver.remove(rec.container_id)
         if action == "destroy":
             self._remove_own_mount(rec)
         self._ticker.kick()
         return action
+
+    async def teardown_many(self, items: list) -> int:
+        """:meth:`teardown` for each ``(record, action, upload)``, in the background; returns how many."""
+        await self._ready()
+        for record, action, upload in items:
+            fire(self.teardown(record, action, upload), f"teardown {record.get('container_name')}")
+        return len(items)
 
     async def _warm_up(self, url: Optional[str], token: str) -> None:
         """A sandbox is warm once its kernel has run a cell: the box answers health before its
@@ -336,30 +285,37 @@ class PoolActor:
         One slow answer is not death: on a loaded machine, dropping a box at the first
         timeout starts a replacement, which adds load, which fails more checks.
         """
-        names = list(self.core.warm)
-        results = await asyncio.gather(*(self._healthy(n) for n in names))
-        for name, ok in zip(names, results):
+        recs = [ContainerModel.model_validate(r)
+                for r in await self.registry.records.remote(self.type.name, ["WARM"])]
+        results = await asyncio.gather(*(self._healthy(r) for r in recs))
+        self._health_fails = {r.container_name: self._health_fails.get(r.container_name, 0)
+                              for r in recs}  # forget the ones no longer warm
+        sick = []
+        for rec, ok in zip(recs, results):
+            name = rec.container_name
             if ok:
                 self._health_fails.pop(name, None)
                 continue
-            self._health_fails[name] = self._health_fails.get(name, 0) + 1
-            if self._health_fails[name] >= HEALTH_FAILURES and self.core.discard(name):
+            self._health_fails[name] += 1
+            if self._health_fails[name] >= HEALTH_FAILURES:
+                sick.append(name)
+        if sick:
+            dropped = await self.registry.drop_warm.remote(self.type.name, sick)
+            for name in dropped:
                 self._health_fails.pop(name, None)
                 self.dropped_total += 1
                 logger.warning("warm container %s failed %d health checks; replacing it", name, HEALTH_FAILURES)
-                fire(self.registry.release.remote(name), "drop unhealthy")
 
-    async def _healthy(self, name: str) -> bool:
-        cid, url, token = self._boxes.get(name, (None, None, None))
-        if url and url.startswith("http"):
+    async def _healthy(self, rec: ContainerModel) -> bool:
+        if rec.url and rec.url.startswith("http"):
             try:
-                r = await self._http.get(f"{url}/v1/healthz", headers={"Authorization": f"Bearer {token}"},
-                                         timeout=5.0)
+                r = await self._http.get(f"{rec.url}/v1/healthz",
+                                         headers={"Authorization": f"Bearer {rec.runtime_token}"}, timeout=5.0)
                 return r.status_code == 200
             except Exception:
                 return False
-        if cid:
-            return (await self.driver.status(cid)) == "running"
+        if rec.container_id:
+            return (await self.driver.status(rec.container_id)) == "running"
         return False
 
     # -- control ---------------------------------------------------------------
@@ -383,12 +339,20 @@ class PoolActor:
         await self._ready()
         n = self.core.target if n is None else n
         deadline = time.monotonic() + timeout
-        while len(self.core.warm) < n:
+        while self.core.warm < n:
             if time.monotonic() > deadline:
-                raise CapacityError(f"pool {self.type.name!r}: {len(self.core.warm)} of {n} warm after {timeout:.0f}s")
+                raise CapacityError(f"pool {self.type.name!r}: {self.core.warm} of {n} warm after {timeout:.0f}s")
             self._ticker.kick()
             await asyncio.sleep(0.05)
         return self.core.stats()
+
+    async def view(self, warm: int, waiting: int, claimed: int) -> None:
+        """The registry's warm/waiting/claimed counts of this type changed: refill from them."""
+        self.core.view(warm, waiting, claimed)
+        self.metrics.warm.set(warm)
+        self.metrics.waiting.set(waiting)
+        if self._ticker is not None and self.core.deficit():
+            self._ticker.kick()
 
     async def kick(self) -> None:
         """A slot freed up (the registry says): refill now rather than at the next tick."""
@@ -396,16 +360,12 @@ class PoolActor:
             self._ticker.kick()
 
     async def drain(self) -> dict:
-        """Stop refilling and fail every waiter: the first step of shutting a namespace down."""
+        """Stop refilling: the first step of shutting a namespace down (the registry's cleanup
+        then fails the acquirers still waiting)."""
         await self._ready()
         self.draining = True
         self.core.set_target(0)
         self.core.extra = 0
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(CapacityError(f"pool {self.type.name!r} is shutting down"))
-        self.core.waiting = 0
         # (4) starts in flight finish first, so whoever tears the namespace down sees their containers
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while self.core.starting and time.monotonic() < deadline:

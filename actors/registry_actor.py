@@ -1,11 +1,19 @@
 """RegistryActor: the only writer of container records (a shell over RegistryCore).
 
-What it owns: the :class:`RegistryCore` (records, session index, instance
-count), the record store it checkpoints to, the FIFO of callers waiting for an
-instance slot, the in-flight restores (so two concurrent restores of one
-session start one set of containers), and the session actors: which one
+What it owns: the :class:`RegistryCore` (records, session index, warm index,
+instance count), the record store it checkpoints to, the FIFO of callers
+waiting for an instance slot, the FIFO per sandbox type of acquirers waiting
+for a warm container, the in-flight restores (so two concurrent restores of
+one session start one set of containers), and the session actors: which one
 serves which session, and the spares kept started so an acquire never waits
 for an actor process.
+
+An acquire is one call to this actor (a client sends its concurrent acquires
+as one batch): it takes the oldest WARM record of the type, binds it to the
+session, commits, and answers; the pool actor of that type is told the new
+warm and waiting counts afterwards (it refills from them) and is never on the
+acquire's path. A container that turns WARM (started, or reset for reuse) goes
+straight to the longest waiter of its type.
 
 It carries out the core's decisions: teardowns go to the pool actor of the
 container's type (fire and forget, so ``release`` answers at once), reaps and
@@ -28,11 +36,11 @@ import ray
 import shortuuid
 
 from corral.core.registry import RegistryCore, Teardown
-from corral.errors import CapacityError, CorralError, InvalidRequest, NotFound
+from corral.errors import CapacityError, CorralError, InvalidRequest
 from corral.models import LABEL_MANAGED, LABEL_REGISTRY, ContainerState, SandboxManagerEnvConfig
 from corral.store import JsonlRecordStore
 
-from .common import REGISTRY_NAME, SESSION_PREFIX, Ticker, fire, pool_name
+from .common import SESSION_PREFIX, Ticker, fire, pool_name
 from .metrics import registry_metrics
 
 __all__ = ["RegistryActor"]
@@ -42,7 +50,8 @@ S = ContainerState
 COMPACT_EVERY = 5000  # log lines between snapshots
 SPARE_TRIM_AFTER = 60.0
 MAX_SPAWNING = 4  # session actors being started at once
-SPARE_QUIET = 2.0  # seconds without a claim before spares are topped up  # seconds spare session actors may stay above `spare_sessions`
+SPARE_QUIET = 2.0  # seconds without a claim before spares are topped up
+ATTACH_DELAY = 0.02  # seconds a claim's session actor update waits, so a burst's updates go out after its answers
 
 
 class RegistryActor:
@@ -55,6 +64,21 @@ class RegistryActor:
         self.store = JsonlRecordStore(os.path.join(self.config.abs_state_dir(), "registry"))
         self._boot_task: Optional[asyncio.Task] = None
         self._slot_waiters: deque[asyncio.Future] = deque()
+        # sandbox_type -> acquirers waiting for a warm container: (future, session_ctx_id, meta)
+        self._warm_waiters: dict[str, deque[tuple[asyncio.Future, Optional[str], Optional[dict]]]] = {}
+        self._claimed: dict[str, int] = {}  # sandbox_type -> claims so far (pools consume reserve() by it)
+        self._views_sent: dict[str, tuple] = {}  # sandbox_type -> the last (warm, waiting, claimed) sent to its pool
+        self._pending_actor: dict[str, asyncio.Future] = {}  # session_ctx_id -> its session actor being created
+        # Claimed containers whose session actor has not been told yet (sent in order, after the
+        # answers), and what has been told: a session released before its actor heard of it
+        # costs its actor no message at all.
+        self._to_attach: deque[str] = deque()
+        self._attach_wake = asyncio.Event()
+        self._attacher: Optional[asyncio.Task] = None
+        self._armed_names: set[str] = set()
+        self._armed_sids: set[str] = set()
+        self._creating: set[str] = set()  # sessions whose promised actor is being created
+        self._teardowns: dict[str, list[Teardown]] = {}  # sandbox_type -> teardowns not yet sent to its pool
         self._restoring: dict[str, asyncio.Future] = {}
         self._session_actors: dict[str, Any] = {}  # session_ctx_id -> SessionActor handle
         self._spares: list[Any] = []
@@ -123,6 +147,32 @@ class RegistryActor:
         async with self._commit_lock:
             changed, deleted = self.core.take_changes()
             await self.store.append(changed, deleted)
+        self._sync_views()
+
+    # -- what the pools see ------------------------------------------------------
+
+    def _view(self, sandbox_type: str) -> tuple:
+        return (self.core.warm_count(sandbox_type), len(self._warm_waiters.get(sandbox_type, ())),
+                self._claimed.get(sandbox_type, 0))
+
+    def _sync_views(self) -> None:
+        """Tell each pool whose warm/waiting/claimed counts changed (one message per pool, after the answer)."""
+        for t in self.config.sandbox_types:
+            view = self._view(t)
+            if self._views_sent.get(t) != view:
+                self._views_sent[t] = view
+                try:
+                    pool = self._pool(t)
+                except ValueError:  # that pool actor is not running (yet)
+                    self._views_sent.pop(t, None)
+                    continue
+                fire(pool.view.remote(*view), f"view of {t}")
+
+    async def pool_view(self, sandbox_type: str) -> dict:
+        """The counts a pool refills from (it asks at boot; afterwards they are pushed)."""
+        await self._ready()
+        warm, waiting, claimed = self._view(sandbox_type)
+        return {"warm": warm, "waiting": waiting, "claimed": claimed}
 
     # -- session actors --------------------------------------------------------
 
@@ -143,6 +193,8 @@ class RegistryActor:
             sid = desc.get("session_ctx_id")
             if sid and sid in self.core.sessions:
                 self._session_actors[sid] = h
+                self._armed_sids.add(sid)
+                self._armed_names.update(self.core.session_names(sid))
             else:
                 if sid:
                     await h.unbind.remote()
@@ -193,23 +245,105 @@ class RegistryActor:
         finally:
             self._spawning -= 1
 
+    async def _actor_of(self, session_ctx_id: str, ending: bool = True):
+        """The session's actor (waiting for one being created), or None.
+
+        ``ending``: the caller ends the session's binding (release, reap). An actor that is
+        still only promised (no spare was left and its creation has not begun) is then not
+        created at all.
+        """
+        pending = self._pending_actor.get(session_ctx_id)
+        if pending is not None:
+            if ending and session_ctx_id not in self._creating:
+                del self._pending_actor[session_ctx_id]
+                if not pending.done():
+                    pending.set_result(None)
+                return None
+            try:
+                await asyncio.shield(pending)
+            except Exception:
+                pass
+        return self._session_actors.get(session_ctx_id)
+
+    def _choose_actors(self, recs: list) -> list:
+        """Give each claimed record's session an actor now (a spare when there is one).
+
+        Runs before the claim is answered, so a release that follows finds the actor. A session
+        with no spare left gets a pending slot, filled by :meth:`_send_attaches` (which creates an
+        actor off the event loop). Returns the records to attach.
+        """
+        out = []
+        for rec in recs:
+            sid = rec.session_ctx_id
+            if not sid:
+                continue
+            if sid not in self._session_actors and sid not in self._pending_actor:
+                if self._spares:
+                    self._session_actors[sid] = self._spares.pop()
+                else:
+                    self._pending_actor[sid] = asyncio.get_running_loop().create_future()
+            out.append(rec)
+        if out and self._ticker:
+            self._ticker.kick()  # top the spares up again
+        return out
+
+    def _queue_attach(self, recs: list) -> None:
+        """Tell the session actors of these claimed containers, in order, shortly after the answer."""
+        for rec in self._choose_actors(recs):
+            self._to_attach.append(rec.container_name)
+        if self._to_attach:
+            if self._attacher is None or self._attacher.done():
+                self._attacher = fire(self._send_attaches(), "attach sessions")
+            self._attach_wake.set()
+
+    async def _send_attaches(self) -> None:
+        while True:
+            await self._attach_wake.wait()
+            self._attach_wake.clear()
+            await asyncio.sleep(ATTACH_DELAY)
+            while self._to_attach:
+                rec = self.core.records.get(self._to_attach.popleft())
+                if rec is None or rec.state != S.RUNNING or not rec.session_ctx_id:
+                    continue  # released (or reaped) before its actor heard of it
+                try:
+                    await self._attach(rec)
+                except Exception as e:
+                    logger.warning("attach of %s failed: %r", rec.container_name, e)
+                await asyncio.sleep(0)  # requests that came in meanwhile go first
+
     async def _session_actor(self, session_ctx_id: str):
         h = self._session_actors.get(session_ctx_id)
-        if h is None:
+        if h is not None:
+            return h
+        pending = self._pending_actor.get(session_ctx_id)
+        if pending is not None and pending.done() and not pending.cancelled() and pending.exception() is None:
+            return pending.result()
+        self._creating.add(session_ctx_id)
+        try:
             new = self._spares.pop() if self._spares else await asyncio.to_thread(self._new_session_actor)
-            h = self._session_actors.setdefault(session_ctx_id, new)
-            if h is not new:  # another claim for this session won while we created ours: keep it as a spare
-                self._spares.append(new)
-            if self._ticker:
-                self._ticker.kick()  # top the spares up again
+        except BaseException as e:
+            if pending is not None and not pending.done():
+                pending.set_exception(e)
+            self._pending_actor.pop(session_ctx_id, None)
+            raise
+        finally:
+            self._creating.discard(session_ctx_id)
+        h = self._session_actors.setdefault(session_ctx_id, new)
+        if h is not new:  # another claim for this session won while we created ours: keep it as a spare
+            self._spares.append(new)
+        if pending is not None and not pending.done():
+            pending.set_result(h)
+        self._pending_actor.pop(session_ctx_id, None)
+        if self._ticker:
+            self._ticker.kick()  # top the spares up again
         return h
 
     async def _attach(self, rec, wait: bool = False) -> None:
-        """Give the record's session an actor (a spare, or a new one) and add the container to it.
+        """Add the container to its session's actor (a spare, or a new one).
 
-        The actor is chosen now; the ``attach`` call is sent without waiting unless ``wait``
-        (Ray runs one caller's calls to an actor in order, so a later ``unbind`` cannot overtake
-        it). A dead actor is replaced and the attach retried in the background.
+        The ``attach`` call is sent without waiting unless ``wait`` (Ray runs one caller's calls
+        to an actor in order, so a later ``unbind`` cannot overtake it). A dead actor is replaced
+        and the attach retried in the background.
         """
         sid = rec.session_ctx_id
         if not sid:
@@ -217,6 +351,8 @@ class RegistryActor:
         h = await self._session_actor(sid)
         ref = h.attach.remote(sid, self.config.timeout_for(rec.sandbox_type), rec.container_name, rec.url,
                               rec.runtime_token)
+        self._armed_names.add(rec.container_name)
+        self._armed_sids.add(sid)
         if wait:
             await ref
         else:
@@ -239,7 +375,7 @@ class RegistryActor:
         for sid, names in list(self.core.sessions.items()):
             running = [self.core.records[n] for n in names
                        if n in self.core.records and self.core.records[n].state == S.RUNNING]
-            if not running:
+            if not running or sid in self._pending_actor:
                 continue
             h = self._session_actors.get(sid)
             if h is not None:
@@ -253,18 +389,22 @@ class RegistryActor:
                 await self._attach(rec, wait=True)
 
     async def _detach(self, sid: Optional[str], name: str) -> None:
+        told = name in self._armed_names
+        self._armed_names.discard(name)
         if not sid:
             return
-        h = self._session_actors.get(sid)
+        h = await self._actor_of(sid)
         if h is None:
             return
         if sid not in self.core.sessions:
             # The session has nothing left: the actor goes back to the spares. Ray runs one
             # caller's calls to an actor in order, so a later attach cannot overtake this unbind.
             self._session_actors.pop(sid, None)
-            fire(h.unbind.remote(), "session unbind")
+            if sid in self._armed_sids:
+                self._armed_sids.discard(sid)
+                fire(h.unbind.remote(), "session unbind")
             self._spares.append(h)
-        else:
+        elif told:
             fire(h.detach.remote(name), "session detach")
 
     # -- slots (max_sandbox_instances) -----------------------------------------
@@ -331,6 +471,7 @@ class RegistryActor:
     async def started(self, name: str, container_id: str, url: Optional[str], ports: list) -> dict:
         await self._ready()
         rec = self.core.started(name, container_id, url, ports)
+        self._hand_off(rec.sandbox_type)
         await self._commit()
         await self._attach(rec)
         return rec.model_dump(mode="json")
@@ -348,43 +489,197 @@ class RegistryActor:
             await self._commit()
             self._wake_slots()
 
+    # -- acquire ----------------------------------------------------------------
+
+    async def acquire(self, sandbox_type: str, requests: list, timeout: Optional[float] = None,
+                      wait: bool = True) -> list:
+        """Bind a warm container of the type to each request (``{"session_ctx_id", "meta"}``).
+
+        One answer per request, in order: the RUNNING record as a dict, a corral error (raised
+        by the client), or None when none was warm and ``wait`` is False. Requests that find
+        nothing warm wait in line (FIFO per type, behind earlier waiters) until a container turns
+        WARM or ``timeout`` passes; the pool refills from the waiting count it is sent.
+        """
+        await self._ready()
+        t0 = time.perf_counter()
+        t = self.config.sandbox_type(sandbox_type).name
+        if not isinstance(requests, list) or not requests:
+            raise InvalidRequest("requests must be a non-empty list")
+        timeout = self.config.acquire_timeout if timeout is None else timeout
+        out: list[Any] = [None] * len(requests)
+        claimed, waits = [], []
+        for i, req in enumerate(requests):
+            sid, meta = req.get("session_ctx_id"), req.get("meta")
+            name = None if self._warm_waiters.get(t) else self.core.next_warm(t)
+            if name is not None:
+                rec = self.core.claim(name, sid, meta)
+                claimed.append(rec)
+                out[i] = rec
+            elif wait:
+                waits.append((i, self._wait_warm(t, sid, meta, timeout)))
+        if claimed:
+            self._claimed[t] = self._claimed.get(t, 0) + len(claimed)
+            self._last_claim = time.monotonic()
+            await self._commit()
+            self._queue_attach(claimed)
+        else:
+            self._sync_views()  # new waiters: the pool must know now
+        for i, waiting in waits:
+            try:
+                out[i] = await waiting
+            except CorralError as e:
+                out[i] = e
+        ok = 0
+        for i, r in enumerate(out):
+            if r is not None and not isinstance(r, CorralError):
+                out[i] = self.core.dump(r)
+                ok += 1
+        if ok:  # recorded after the answer has gone out
+            asyncio.get_running_loop().call_soon(self._observe_acquires, t, (time.perf_counter() - t0) * 1000, ok)
+        return out
+
+    def _observe_acquires(self, sandbox_type: str, ms: float, n: int) -> None:
+        self.metrics.claims.inc(n)
+        for _ in range(n):
+            self.metrics.acquire_ms.observe(ms, tags={"sandbox_type": sandbox_type})
+
+    async def _wait_warm(self, t: str, sid: Optional[str], meta: Optional[dict], timeout: float):
+        fut = asyncio.get_running_loop().create_future()
+        line = self._warm_waiters.setdefault(t, deque())
+        line.append((fut, sid, meta))
+        try:
+            try:
+                rec = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                if not (fut.done() and not fut.cancelled() and fut.exception() is None):
+                    raise CapacityError(
+                        f"no warm {t!r} sandbox within {timeout:.0f}s (warm={self.core.warm_count(t)}, "
+                        f"starting={self.core.count(t, S.STARTING)}, waiting={len(line)})"
+                    ) from None
+                rec = fut.result()
+        finally:
+            if not fut.done():
+                fut.cancel()
+            for item in list(line):
+                if item[0] is fut:
+                    line.remove(item)
+            self._sync_views()
+        await self._commit()
+        self._queue_attach([rec])
+        return rec
+
+    def _hand_off(self, sandbox_type: Optional[str]) -> None:
+        """Containers of the type that are WARM go to the acquirers waiting for one, longest first."""
+        t = sandbox_type or self.config.default_type
+        line = self._warm_waiters.get(t)
+        while line and self.core.warm_count(t):
+            fut, sid, meta = line.popleft()
+            if fut.done():
+                continue
+            rec = self.core.claim(self.core.next_warm(t), sid, meta)
+            self._claimed[t] = self._claimed.get(t, 0) + 1
+            self._last_claim = time.monotonic()
+            fut.set_result(rec)
+
+    def _fail_waiters(self, message: str) -> None:
+        for line in self._warm_waiters.values():
+            while line:
+                fut, _, _ = line.popleft()
+                if not fut.done():
+                    fut.set_exception(CapacityError(message))
+
     async def claim(self, name: str, session_ctx_id: Optional[str], meta: Optional[dict] = None) -> dict:
+        """Bind one named WARM container to a session (an acquire picks the container itself)."""
         await self._ready()
         rec = self.core.claim(name, session_ctx_id, meta)
         self._last_claim = time.monotonic()
         await self._commit()
-        await self._attach(rec)
+        self._queue_attach([rec])
         self.metrics.claims.inc()
         return rec.model_dump(mode="json")
+
+    async def drop_warm(self, sandbox_type: str, names: Optional[list] = None, n: int = 0) -> list[str]:
+        """Release WARM containers of the type (the pool's health check and shrink): the named ones
+        that are still WARM, or else the ``n`` that became warm last. Never touches a claimed one."""
+        await self._ready()
+        t = self.config.sandbox_type(sandbox_type).name
+        if names is None:
+            names = list(self.core.warm.get(t, {}))[-n:] if n > 0 else []
+        dropped = []
+        for name in names:
+            rec = self.core.records.get(name)
+            if rec is None or rec.state != S.WARM or rec.sandbox_type != t:
+                continue
+            td = self.core.release(name)
+            if td is not None:
+                self._send_teardown(td)
+            dropped.append(name)
+        await self._commit()
+        self._wake_slots(len(dropped))
+        return dropped
 
     # -- release / reuse -------------------------------------------------------
 
     async def release(self, identity: str) -> bool:
         """Mark released now; the container's teardown finishes in the background. Unknown: True."""
+        return (await self.release_many([identity]))[0]
+
+    async def release_many(self, identities: list) -> list:
+        """:meth:`release` for each identity, with one commit (a client batches concurrent releases).
+
+        The answer goes out as soon as the records are committed; teardowns and session actor
+        updates are sent right after. One answer per identity: True, or the corral error.
+        """
         await self._ready()
-        rec = self.core.find(identity)
-        if rec is None:
-            return True
-        sid = self.core.get(rec.container_name).session_ctx_id
-        reuse = self.config.sandbox_type(rec.sandbox_type).reuse
-        td = self.core.release(identity, reuse=reuse)
+        out: list[Any] = []
+        after = []
+        for identity in identities:
+            try:
+                rec = self.core.find(identity)
+            except CorralError as e:
+                out.append(e)
+                continue
+            out.append(True)
+            if rec is None:
+                continue
+            sid = self.core.get(rec.container_name).session_ctx_id
+            reuse = self.config.sandbox_type(rec.sandbox_type).reuse
+            td = self.core.release(identity, reuse=reuse)
+            after.append((td, sid, rec.container_name))
         await self._commit()
-        if td is not None:
-            if td.action == "destroy":
-                self._wake_slots()
-            self._send_teardown(td)
-        await self._detach(sid, rec.container_name)
-        self.metrics.releases.inc()
-        return True
+        if after:
+            fire(self._after_release(after), "teardown after release")
+        return out
+
+    async def _after_release(self, done: list) -> None:
+        freed = 0
+        for td, sid, name in done:
+            if td is not None:
+                freed += td.action == "destroy"
+                self._send_teardown(td)
+            await self._detach(sid, name)
+            self.metrics.releases.inc()
+        if freed:
+            self._wake_slots(freed)
 
     def _send_teardown(self, td: Teardown) -> None:
-        pool = self._pool(td.record.sandbox_type)
-        fire(pool.teardown.remote(td.record.model_dump(mode="json"), td.action, td.upload),
-             f"teardown {td.record.container_name}")
+        """Queue a teardown for its pool; the ones queued in one loop iteration go as one call."""
+        if not self._teardowns:
+            fire(self._flush_teardowns(), "send teardowns")
+        self._teardowns.setdefault(td.record.sandbox_type or self.config.default_type, []).append(td)
+
+    async def _flush_teardowns(self) -> None:
+        await asyncio.sleep(0)
+        batches, self._teardowns = self._teardowns, {}
+        for t, tds in batches.items():
+            items = [(td.record.model_dump(mode="json"), td.action, td.upload) for td in tds]
+            fire(self._pool(t).teardown_many.remote(items), f"{len(items)} teardowns of {t}")
 
     async def reset_done(self, name: str, ok: bool) -> Optional[dict]:
         await self._ready()
         rec = self.core.reset_done(name, ok)
+        if rec is not None and ok:
+            self._hand_off(rec.sandbox_type)
         await self._commit()
         if rec is not None and not ok:
             self._wake_slots()
@@ -411,7 +706,10 @@ class RegistryActor:
         for td in tds:
             self._send_teardown(td)
         self._wake_slots(len(tds))
+        await self._actor_of(session_ctx_id)
         h = self._session_actors.pop(session_ctx_id, None)
+        self._armed_sids.discard(session_ctx_id)
+        self._armed_names.difference_update(names)
         if h is not None:
             fire(h.unbind.remote(), "session unbind")
             self._spares.append(h)
@@ -451,7 +749,9 @@ class RegistryActor:
 
     async def heartbeat(self, session_ctx_id: str) -> bool:
         await self._ready()
-        h = self._session_actors.get(session_ctx_id)
+        if session_ctx_id in self._pending_actor and session_ctx_id not in self._creating:
+            return True  # its actor is promised; its clock starts with its first attach
+        h = await self._actor_of(session_ctx_id, ending=False)
         if h is None:
             return False
         await h.heartbeat.remote()
@@ -490,6 +790,7 @@ class RegistryActor:
             "active": self.core.counted,
             "limit": self.core.limit,
             "waiting_for_slot": len(self._slot_waiters),
+            "waiting_for_warm": {t: len(line) for t, line in self._warm_waiters.items() if line},
             "sessions": {sid: list(names) for sid, names in self.core.sessions.items()},
             "session_actors": len(self._session_actors),
             "spare_session_actors": len(self._spares),
@@ -501,6 +802,7 @@ class RegistryActor:
     async def cleanup(self) -> list[str]:
         """Release every non-terminal container this registry knows (pools included)."""
         await self._ready()
+        self._fail_waiters("corral is shutting down: every sandbox of this namespace is being released")
         names = [r.container_name for r in self.core.records.values()
                  if r.state in (S.STARTING, S.WARM, S.RUNNING, S.RESETTING)]
         for n in names:

@@ -104,8 +104,8 @@ def cmd_status(args) -> int:
           f"{len(st['sessions'])} sessions, {st['session_actors']} session actors "
           f"(+{st['spare_session_actors']} spare)")
     print("\npools:")
-    print(_table(list(st["pools"].values()), ["sandbox_type", "target", "warm", "starting", "waiting", "started_total",
-                                              "failed_total"]))
+    print(_table(list(st["pools"].values()), ["sandbox_type", "target", "warm", "starting", "resetting", "waiting",
+                                              "started_total", "failed_total"]))
     recs = [r for r in st["records"] if r["state"] not in ("RELEASED",)]
     print(f"\ncontainers ({len(recs)} not released):")
     for r in recs:

@@ -89,11 +89,13 @@ class JsonlRecordStore(RecordStore):
         if not changed and not deleted:
             return
         if self._log is None:
-            self._log = await aiofiles.open(self.log_path, "a")
+            # unbuffered: each append is one write(2) in one trip to aiofiles' thread, no flush
+            self._log = await aiofiles.open(self.log_path, "ab", buffering=0)
         lines = [json.dumps(r, separators=(",", ":")) for r in changed]
         lines += [json.dumps({"deleted": n}) for n in deleted]
-        await self._log.write("\n".join(lines) + "\n")
-        await self._log.flush()
+        data = ("\n".join(lines) + "\n").encode()
+        while data:  # a raw write may take less than all of it
+            data = data[await self._log.write(data):]
         self._lines += len(lines)
 
     async def compact(self, records: list[dict]) -> None:

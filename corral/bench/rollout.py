@@ -12,7 +12,10 @@ one Ray cluster, each corral system in its own namespace torn down with
 ``down()`` after it:
 
 - ``corral``: a type with ``reuse=True`` (released sandboxes are reset and go
-  back to the pool), warm pool of ``W``;
+  back to the pool), ``pool_size=W`` and ``W`` more reserved ahead of the run
+  (``reserve(n=W)``: the RL recipe, where a rollout step reserves its batch):
+  2W sandboxes, all warm before the first episode, serve every episode, so a
+  worker's next acquire finds one whose reset has finished;
 - ``corral_destroy``: destroy on release (the reference's behaviour), warm pool of ``W``;
 - ``cold``: ``pool_size=0`` and destroy on release: the pool starts one
   sandbox per waiting acquirer, so every acquire waits for a cold start (with
@@ -209,6 +212,9 @@ def _warm_up(m, p: BenchParams, system: str, target: int) -> float:
     from tqdm import tqdm
 
     deadline = time.monotonic() + p.timeout
+    if system == "corral":
+        m.reserve(n=p.workers)  # the batch, on top of pool_size
+        target += p.workers
     if target:
         with tqdm(total=target, desc=f"{system} warm-up", unit="box", file=sys.stderr, disable=not p.progress,
                   dynamic_ncols=True) as bar:
@@ -338,7 +344,7 @@ def _run_corral(p: BenchParams, system: str, workdir: str, with_direct: bool) ->
     m = SandboxManager(cfg)
     out: dict[str, dict] = {}
     try:
-        warm_s = _warm_up(m, p, system, cfg.pool_size)
+        warm_s = _warm_up(m, p, system, 0 if system == "cold" else p.workers)
         before = _pool_stats(m)
         s = Samples()
 

@@ -112,7 +112,8 @@ async def _direct_vs_handle(sb, n: int = 50) -> dict:
     return {"handle_ms": summary(handle), "direct_ms": summary(direct)}
 
 
-def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = False, bursts: int = 3) -> dict:
+def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = False, bursts: int = 3,
+             kernel_reset: str = "restart") -> dict:
     from corral import SandboxManager, SandboxManagerEnvConfig, SandboxTypeConfig
     from corral.manager.cluster import down
 
@@ -124,7 +125,7 @@ def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = Fa
         state_dir=f"/tmp/corral-bench/{mode}",
         default_mount_dir=f"/tmp/corral-bench/{mode}/mounts",
         acquire_timeout=600,
-        sandbox_types={"base": SandboxTypeConfig(name="base", reuse=(mode == "reuse"))},
+        sandbox_types={"base": SandboxTypeConfig(name="base", reuse=(mode == "reuse"), kernel_reset=kernel_reset)},
     )
     m = SandboxManager(cfg)
     try:
@@ -205,6 +206,7 @@ def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = Fa
             "warm_burst_acquire_ms": summary(burst_acq),
             "warm_burst_release_ms": summary(burst_rel),
             "mode": mode,
+            "kernel_reset": kernel_reset,
             "driver": driver,
             "workers": workers,
             "cycles": done,
@@ -228,12 +230,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cycles", type=int, default=10)
     ap.add_argument("--driver", default="process", choices=["process", "docker"])
     ap.add_argument("--modes", default="reuse,destroy")
+    ap.add_argument("--bursts", type=int, default=3, help="warm bursts per mode")
+    ap.add_argument("--kernel-reset", choices=["restart", "namespace"], default="restart",
+                    help="how a reused sandbox's kernel is reset (the type's kernel_reset)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    results = [run_mode(mode, args.workers, args.cycles, args.driver) for mode in args.modes.split(",")]
+    results = [run_mode(mode, args.workers, args.cycles, args.driver, bursts=args.bursts, kernel_reset=args.kernel_reset)
+               for mode in args.modes.split(",")]
     print()
     print("warm bursts (all workers acquire at once from a full warm pool, then release):")
     for r in results:

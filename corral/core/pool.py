@@ -1,18 +1,17 @@
-"""PoolCore: one sandbox type's warm set and refill arithmetic, in plain Python.
+"""PoolCore: one sandbox type's refill arithmetic, in plain Python.
 
-What it owns: the names of WARM containers ready to hand out (oldest first),
-how many are being started, the target size (``pool_size`` plus whatever
-``reserve`` added ahead of a burst) and how many acquirers wait for one. The
-PoolActor wraps it, starts what :meth:`deficit` says through the registry and
-the driver, and hands containers to waiters in arrival order.
+What it owns: how many containers are being started, the target size
+(``pool_size`` plus whatever ``reserve`` added ahead of a burst, consumed as
+acquires take containers) and the consecutive start failures (backoff). It
+holds a *view* of two counts the registry owns (WARM containers of the type,
+acquirers waiting for one) and of how many claims the registry has made, as
+last sent by the registry. The PoolActor wraps it and starts what
+:meth:`deficit` says through the registry and the driver.
 
-No Ray, no I/O. Every method is O(1) except :meth:`discard`.
+No Ray, no I/O. Every method is O(1).
 """
 
 from __future__ import annotations
-
-from collections import deque
-from typing import Optional
 
 from corral.errors import InvalidRequest
 
@@ -28,9 +27,11 @@ class PoolCore:
         self.sandbox_type = sandbox_type
         self.base_target = self._check(target)
         self.extra = 0  # added by reserve(), consumed as acquires take containers
-        self.warm: deque[str] = deque()
+        self.warm = 0  # view: WARM containers of the type (the registry's count)
+        self.waiting = 0  # view: acquirers waiting for one (the registry's count)
+        self.claimed = 0  # view: claims the registry has made of this type so far
         self.starting = 0
-        self.waiting = 0
+        self.resetting = 0  # released containers being reset: they come back warm
         self.failures = 0  # consecutive failed starts (for backoff)
 
     @staticmethod
@@ -52,28 +53,16 @@ class PoolCore:
         return self.target
 
     def deficit(self) -> int:
-        """How many more starts to launch now: target and waiters, minus warm and starting."""
+        """How many more starts to launch now: target and waiters, minus warm, starting and resetting
+        (a reset takes a fraction of a start's time and CPU, so it is waited for, not raced)."""
         want = self.target + self.waiting
-        return max(0, want - len(self.warm) - self.starting)
+        return max(0, want - self.warm - self.starting - self.resetting)
 
-    def take(self) -> Optional[str]:
-        """The oldest warm name, or None. A take consumes reserved extra first."""
-        if not self.warm:
-            return None
-        if self.extra > 0:
-            self.extra -= 1
-        return self.warm.popleft()
-
-    def put(self, name: str) -> None:
-        if name not in self.warm:
-            self.warm.append(name)
-
-    def discard(self, name: str) -> bool:
-        try:
-            self.warm.remove(name)
-            return True
-        except ValueError:
-            return False
+    def view(self, warm: int, waiting: int, claimed: int) -> None:
+        """The registry's counts; claims made since the last view consume reserved extra."""
+        taken = max(0, claimed - self.claimed)
+        self.extra = max(0, self.extra - taken)
+        self.warm, self.waiting, self.claimed = max(0, warm), max(0, waiting), claimed
 
     def start_begun(self, n: int = 1) -> None:
         self.starting += n
@@ -88,14 +77,15 @@ class PoolCore:
 
     def surplus(self) -> int:
         """Warm containers beyond the target (to stop when the target shrinks)."""
-        return max(0, len(self.warm) - self.target - self.waiting)
+        return max(0, self.warm - self.target - self.waiting)
 
     def stats(self) -> dict:
         return {
             "sandbox_type": self.sandbox_type,
             "target": self.target,
-            "warm": len(self.warm),
+            "warm": self.warm,
             "starting": self.starting,
+            "resetting": self.resetting,
             "waiting": self.waiting,
             "failures": self.failures,
         }

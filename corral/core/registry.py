@@ -1,9 +1,10 @@
 """RegistryCore: every container record and every state transition, in plain Python.
 
 What it owns: the records (``container_name -> ContainerModel``), the session
-index (``session_ctx_id -> [container_name]``) and the count of active
-(STARTING, WARM, RUNNING, RESETTING) records that ``max_sandbox_instances``
-caps. Nothing else writes a record: the RegistryActor wraps this class, runs
+index (``session_ctx_id -> [container_name]``), the warm index (per sandbox
+type, the WARM names in the order they became warm: what an acquire takes) and
+the count of active (STARTING, WARM, RUNNING, RESETTING) records that
+``max_sandbox_instances`` caps. Nothing else writes a record: the RegistryActor wraps this class, runs
 one call at a time on its event loop, and carries out the decisions it returns
 (teardowns, removals) through the pool actors and the driver.
 
@@ -74,8 +75,10 @@ class RegistryCore:
         self.records: dict[str, ContainerModel] = {}
         self.sessions: dict[str, list[str]] = {}
         self.counted = 0
+        self.warm: dict[str, dict[str, None]] = {}  # sandbox_type -> WARM names, oldest first
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
+        self._dumps: dict[str, dict] = {}  # name -> the JSON dict written by the last commit
         self._uuid = shortuuid.ShortUUID(alphabet=SESSION_ID_ALPHABET)
 
     # -- lookups ---------------------------------------------------------------
@@ -116,11 +119,30 @@ class RegistryCore:
     def by_state(self, *states) -> list[ContainerModel]:
         return [r for r in self.records.values() if r.state in states]
 
+    def next_warm(self, sandbox_type: str) -> Optional[str]:
+        """The WARM container of the type that has waited longest (None when none is warm)."""
+        return next(iter(self.warm.get(sandbox_type, ())), None)
+
+    def warm_count(self, sandbox_type: str) -> int:
+        return len(self.warm.get(sandbox_type, ()))
+
+    def count(self, sandbox_type: str, state) -> int:
+        return sum(1 for r in self.records.values() if r.sandbox_type == sandbox_type and r.state == state)
+
     # -- internal --------------------------------------------------------------
+
+    def _index_warm(self, rec: ContainerModel, warm: bool) -> None:
+        names = self.warm.setdefault(rec.sandbox_type or self.config.default_type, {})
+        if warm:
+            names[rec.container_name] = None
+        else:
+            names.pop(rec.container_name, None)
 
     def _set_state(self, rec: ContainerModel, new) -> None:
         was = rec.state in COUNTED_STATES
         now_counted = new in COUNTED_STATES
+        if (rec.state == S.WARM) != (new == S.WARM):
+            self._index_warm(rec, new == S.WARM)
         rec.state = new
         rec.updated_at = self.clock()
         rec.rev += 1
@@ -153,6 +175,8 @@ class RegistryCore:
             self._deleted.add(name)
             if rec.state in COUNTED_STATES:
                 self.counted -= 1
+            if rec.state == S.WARM:
+                self._index_warm(rec, False)
             if rec.session_ctx_id and rec.container_name in self.sessions.get(rec.session_ctx_id, []):
                 self._unbind_session(rec)
 
@@ -408,7 +432,16 @@ class RegistryCore:
         deleted = sorted(self._deleted)
         self._dirty.clear()
         self._deleted.clear()
+        self._dumps = {d["container_name"]: d for d in changed}
         return changed, deleted
+
+    def dump(self, rec: ContainerModel) -> dict:
+        """The record as a JSON dict; the one made for the last commit when it is still current
+        (an answer after a commit does not serialise its records twice). Never mutate it."""
+        d = self._dumps.get(rec.container_name)
+        if d is not None and d["rev"] == rec.rev and d["state"] == rec.state.value:
+            return d
+        return rec.model_dump(mode="json")
 
     def pending_changes(self) -> bool:
         return bool(self._dirty or self._deleted)
@@ -431,12 +464,15 @@ class RegistryCore:
     def load_records(self, raws: list[dict]) -> None:
         self.records.clear()
         self.sessions.clear()
+        self.warm.clear()
         self.counted = 0
-        for raw in raws:
+        for raw in sorted(raws, key=lambda r: r.get("updated_at") or 0):
             rec = ContainerModel.model_validate(raw)
             self.records[rec.container_name] = rec
             if rec.state in COUNTED_STATES:
                 self.counted += 1
+            if rec.state == S.WARM:
+                self._index_warm(rec, True)
             if rec.session_ctx_id and rec.state in (S.RUNNING, S.RECYCLED):
                 self.sessions.setdefault(rec.session_ctx_id, []).append(rec.container_name)
 

@@ -272,3 +272,58 @@ def test_a_session_whose_actor_dies_is_still_reaped(make_manager):
     ray.kill(victims[0], no_restart=True)
     # the registry notices, gives the session a new actor, and that actor reaps it on time
     wait_for(lambda: m.get_info(name)["state"] == "RECYCLED", timeout=45, what="the reap by a new session actor")
+
+
+def test_a_burst_is_one_registry_call_and_waiters_are_served_in_arrival_order(make_manager):
+    n = 6
+    m = make_manager(pool_size=n, max_sandbox_instances=n, acquire_timeout=60, sandbox_types={
+        "base": SandboxTypeConfig(name="base", reuse=True, kernel_reset="namespace")})
+    m.reserve(n=0, wait=True, timeout=90)
+    calls = {"acquire": [], "release": []}
+
+    async def main():
+        ops = m._async_ops()
+        send_acq, send_rel = ops._send_acquires, ops._send_releases
+
+        async def count_acq(t, reqs):
+            calls["acquire"].append(len(reqs))
+            return await send_acq(t, reqs)
+
+        async def count_rel(ids):
+            calls["release"].append(len(ids))
+            return await send_rel(ids)
+
+        ops._send_acquires, ops._send_releases = count_acq, count_rel
+        ops._releaser = type(ops._releaser)(ops._send_releases)
+        sbs = await asyncio.gather(*(m.acquire_async(session_ctx_id=f"burst-{i}") for i in range(n)))
+        assert calls["acquire"] == [n]  # the whole burst in one registry call
+        assert len({sb.name for sb in sbs}) == n
+        infos = await asyncio.gather(*(m.get_info_async(sb.name) for sb in sbs))
+        assert [i["session_ctx_id"] for i in infos] == [f"burst-{i}" for i in range(n)]
+        assert {i["state"] for i in infos} == {"RUNNING"}
+
+        # at the limit with nothing warm: two acquirers wait in line, served first come first
+        order = []
+
+        async def waiter(tag):
+            sb = await m.acquire_async(session_ctx_id=tag, timeout=60)
+            order.append((tag, sb.name))
+            return sb
+
+        first = asyncio.ensure_future(waiter("first"))
+        await asyncio.sleep(0.3)
+        second = asyncio.ensure_future(waiter("second"))
+        await asyncio.sleep(0.3)
+        assert (await m.status_async())["waiting_for_warm"] == {"base": 2}
+        await sbs[0].release()  # reset for reuse, then WARM: it goes to the longest waiter
+        got_first = await asyncio.wait_for(first, 60)
+        assert got_first.name == sbs[0].name and not second.done()
+        await asyncio.gather(*(sb.release() for sb in sbs[1:]))
+        assert calls["release"][-1] == n - 1  # concurrent releases: one registry call
+        got_second = await asyncio.wait_for(second, 60)
+        assert [tag for tag, _ in order] == ["first", "second"]
+        await asyncio.gather(got_first.release(), got_second.release())
+
+    asyncio.run(main())
+    st = m.status()
+    assert st["active"] <= n and not st.get("waiting_for_warm")

@@ -83,6 +83,33 @@ def test_limit_counts_starting_warm_running_and_frees_on_release():
     assert c.state == S.WARM
 
 
+def test_warm_index_hands_out_the_longest_warm_first_and_follows_every_transition():
+    reg, clock = make_registry(types={"base": SandboxTypeConfig(name="base", reuse=True),
+                                      "gpu": SandboxTypeConfig(name="gpu")})
+    a, b, c = (start_one(reg).container_name for _ in range(3))
+    g = reg.reserve("gpu")
+    reg.started(g.container_name, "cid-g", "http://127.0.0.1:2", [2])
+    assert reg.next_warm("base") == a and reg.warm_count("base") == 3
+    assert reg.next_warm("gpu") == g.container_name and reg.warm_count("gpu") == 1
+    reg.claim(a, "s1")
+    assert reg.next_warm("base") == b and reg.warm_count("base") == 2
+    reg.release(b)  # a WARM one dropped (health check, shrink)
+    assert reg.next_warm("base") == c
+    reg.release(a, reuse=True)  # RUNNING -> RESETTING: not warm until its reset is done
+    assert reg.warm_count("base") == 1
+    clock.advance(1)
+    reg.reset_done(a, True)
+    assert list(reg.warm["base"]) == [c, a]  # back at the end of the line
+    assert reg.count("base", S.WARM) == 2
+    reloaded, _ = make_registry(types={"base": SandboxTypeConfig(name="base"), "gpu": SandboxTypeConfig(name="gpu")})
+    reloaded.load_records([r.model_dump(mode="json") for r in reg.records.values()])
+    assert list(reloaded.warm["base"]) == [c, a] and reloaded.warm_count("gpu") == 1
+    reloaded.start_failed("nope")
+    for name in list(reg.records):
+        reg._drop(name)
+    assert reg.warm_count("base") == 0 and reg.next_warm("base") is None
+
+
 def test_claim_binds_and_is_idempotent_for_the_same_session():
     reg, _ = make_registry()
     rec = start_one(reg)
@@ -208,19 +235,28 @@ def test_pool_deficit_counts_warm_starting_and_waiters():
     p.start_begun(2)
     assert p.deficit() == 1
     p.start_ended(True)
-    p.put("a")
+    p.view(warm=1, waiting=0, claimed=0)
     assert p.deficit() == 1
-    p.waiting = 2
+    p.view(warm=1, waiting=2, claimed=0)
     assert p.deficit() == 3
-    assert p.take() == "a" and p.take() is None
+    assert p.surplus() == 0
+    p.view(warm=6, waiting=0, claimed=0)
+    assert p.deficit() == 0 and p.surplus() == 3
+    p.view(warm=0, waiting=2, claimed=0)
+    p.resetting = 4  # released sandboxes on their way back
+    assert p.deficit() == 0
 
 
-def test_pool_reserve_grows_then_is_consumed_by_takes():
+def test_pool_reserve_grows_then_is_consumed_by_claims():
     p = PoolCore("base", 1)
+    p.view(warm=5, waiting=0, claimed=10)  # claims made before this pool existed
     assert p.reserve(4) == 5
-    for n in "abcde":
-        p.put(n)
-    assert p.take() == "a" and p.target == 4
+    p.view(warm=4, waiting=0, claimed=11)
+    assert p.target == 4
+    p.view(warm=0, waiting=0, claimed=20)
+    assert p.target == 1  # never below pool_size
+    p.view(warm=0, waiting=0, claimed=0)  # the registry restarted: its counter starts again
+    assert p.target == 1 and p.claimed == 0
 
 
 def test_pool_backoff_grows_and_resets():

@@ -16,6 +16,7 @@ This module is the source of the generated sync ``Ops`` (scripts/unasync.py).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Optional
 
@@ -24,7 +25,7 @@ import shortuuid
 
 from corral.client import AsyncBoxClient
 from corral.client._errors import error_from_response, transport_errors
-from corral.errors import InvalidRequest, NotFound, SandboxGone
+from corral.errors import InvalidRequest, SandboxGone
 from corral.models import SESSION_ID_ALPHABET, check_env
 
 from . import _rt
@@ -67,6 +68,9 @@ class AsyncOps:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
         self._boxes: dict[str, AsyncBoxClient] = {}
+        # Concurrent acquires of one type, and concurrent releases, go to the registry as one call each.
+        self._acquirers: dict[str, _rt.Batcher] = {}
+        self._releaser = _rt.Batcher(self._send_releases)
 
     async def aclose(self) -> None:
         self._boxes.clear()
@@ -147,10 +151,32 @@ class AsyncOps:
         rec = await self._acquire_record(t.name, m.get("session_ctx_id"), m, {}, None)
         return rec["container_name"]
 
+    def _acquirer(self, sandbox_type: str) -> _rt.Batcher:
+        b = self._acquirers.get(sandbox_type)
+        if b is None:
+            b = _rt.Batcher(functools.partial(self._send_acquires, sandbox_type), orphan=self._release_orphan)
+            self._acquirers[sandbox_type] = b
+        return b
+
+    async def _send_acquires(self, sandbox_type: str, requests: list) -> list:
+        """One registry call for a batch; requests that find nothing warm answer None (they wait alone)."""
+        return await _rt.call(self._cluster.registry.acquire.remote(sandbox_type, requests, None, False))
+
+    async def _send_releases(self, identities: list) -> list:
+        return await _rt.call(self._cluster.registry.release_many.remote(identities))
+
+    def _release_orphan(self, record: dict) -> None:
+        """An acquire whose caller was cancelled while its batch was in flight: give the sandbox back."""
+        self._cluster.registry.release.remote(record["container_name"])
+
     async def _acquire_record(self, sandbox_type: str, session_ctx_id: Optional[str], meta: dict,
                               env: dict, timeout: Optional[float]) -> dict:
-        pool = self._cluster.pool(sandbox_type)
-        rec = await _rt.call(pool.acquire.remote(session_ctx_id, meta, timeout))
+        req = {"session_ctx_id": session_ctx_id, "meta": meta}
+        rec = await self._acquirer(sandbox_type)(req)
+        if rec is None:  # none warm: wait in the registry's line for this type
+            rec = (await _rt.call(self._cluster.registry.acquire.remote(sandbox_type, [req], timeout, True)))[0]
+        if isinstance(rec, BaseException):
+            raise rec
         self.owned.add(rec["container_name"])
         if env:
             try:
@@ -185,7 +211,10 @@ class AsyncOps:
         for key in (ident, self.config.container_prefix_key + ident):
             self._boxes.pop(key, None)
             self.owned.discard(key)
-        return await _rt.call(self._cluster.registry.release.remote(ident))
+        out = await self._releaser(ident)
+        if isinstance(out, BaseException):
+            raise out
+        return out
 
     async def reserve(self, sandbox_type: Optional[str] = None, n: int = 1, wait: bool = False,
                       timeout: float = 120.0) -> dict:

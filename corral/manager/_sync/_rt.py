@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import ray
 
-__all__ = ["call", "gather", "sleep"]
+__all__ = ["call", "gather", "sleep", "Batcher"]
 
 
 def call(ref: Any) -> Any:
@@ -21,3 +21,13 @@ def gather(refs: list) -> list:
 
 def sleep(seconds: float) -> None:
     time.sleep(seconds)
+
+
+class Batcher:
+    """The async side batches concurrent calls into one; a sync caller makes one call at a time."""
+
+    def __init__(self, send: Callable[[list], list], orphan: Optional[Callable[[Any], Any]] = None) -> None:
+        self._send = send
+
+    def __call__(self, item: Any) -> Any:
+        return self._send([item])[0]
