@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 
 def _config(args) -> "object":
-    from corral.models import SandboxManagerEnvConfig, SandboxTypeConfig
+    from corral.models import SandboxManagerEnvConfig
 
     kw = {}
     if getattr(args, "config", None):

@@ -14,7 +14,6 @@ import abc
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import aiofiles
 

@@ -10,7 +10,6 @@ box process or container corral started is left.
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest

@@ -52,7 +52,7 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 from corral.bench.runtime_bench import _direct_vs_handle, _measure_memory, pct, summary

@@ -6,6 +6,8 @@ Modules, each owning one thing:
 - :mod:`~corral.box.runtime` - :class:`BoxRuntime`: everything one sandbox owns; ``reset()``, ``close()``
 - :mod:`~corral.box.shell` - ``bash -c`` in its own process group, timeout, output cap, streaming
 - :mod:`~corral.box.kernel` - one real Jupyter kernel, cells one at a time
+- :mod:`~corral.box.forkserver` - the per-box fork server a restarted kernel is forked from
+  (``kernel_main.py --fork-server``: the imports paid once, a restart in ~60 ms)
 - :mod:`~corral.box.workspace` - path confinement (realpath + commonpath) and file operations
 - :mod:`~corral.box.mcp_host` - stdio / SSE / streamable-HTTP MCP servers via the ``mcp`` SDK
 - :mod:`~corral.box.activity` - last activity, calls running, calls served

@@ -1,10 +1,18 @@
-"""The box's stateful Python: one real Jupyter kernel (jupyter_client + ipykernel).
+"""The box's stateful Python: one real Jupyter kernel (ipykernel, talked to with jupyter_client).
 
-:class:`Kernel` owns the kernel process, its kernelspec (written to a private
-state dir so the kernel runs on *this* interpreter, whatever kernelspecs the
-machine has) and the client channels. Cells run one at a time under a lock,
-so their outputs never mix. A cell that outlives its timeout is interrupted;
-a kernel that dies during a cell is restarted and the cell answers ``died``.
+:class:`Kernel` owns the kernel process (a :class:`~.forkserver.ProcessHandle`),
+the fork server it comes from, its connection file and sockets in a private
+state dir, and the client channels. Cells run one at a time under a lock, so
+their outputs never mix. A cell that outlives its timeout is interrupted; a
+kernel that dies during a cell is restarted and the cell answers ``died``.
+
+Restarts: a kernel is forked from the box's kernel fork server (see
+kernel_main.py), which imported ipykernel once, so a restart costs the
+kernel app's setup, not an interpreter start and its imports; if the fork
+server cannot serve, the kernel is spawned as its own process. Either way it
+is a new process on ``kernel_main.py``: nothing of the old kernel survives.
+The box manages the process itself (no KernelManager): a kill is awaited on
+a pidfd, readiness on the kernel's own replies, never with sleeps.
 
 Latency: a cell's messages are awaited with one async zmq receive each
 (:func:`_recv`, which returns as soon as a message lands), never with sleeps;
@@ -22,27 +30,46 @@ import json
 import logging
 import queue
 import re
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
+import zmq
+import zmq.asyncio
+from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.connect import write_connection_file
+from jupyter_client.session import new_id_bytes
 
 from ..errors import SandboxError
+from .forkserver import KERNEL_MAIN, ForkServer, ForkServerError, ProcessHandle
 
-__all__ = ["Kernel", "KERNEL_NAME"]
+__all__ = ["Kernel"]
 
 logger = logging.getLogger(__name__)
 
-KERNEL_NAME = "corral-python"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 #: How often a silent cell checks that its kernel is still alive.
 _LIVENESS_EVERY = 0.2
 #: After an interrupt, how long the kernel gets to report idle before it is restarted.
 _INTERRUPT_GRACE = 5.0
 _STARTUP_TIMEOUT = 60.0
+#: How long a booting kernel gets to show that the box's iopub subscription reached it.
+_IOPUB_PROBE = 0.25
+#: zmq retries a connect to a socket the booting kernel has not bound yet after this many ms (default
+#: 100), backing off to the default interval: a dead kernel's sockets are not retried more often than stock.
+_RECONNECT_MS = (5, 100)
+_KERNEL_FLAGS = (
+    # History lives in SQLite under $HOME: a write per cell, and files in the user's tmp dir.
+    "--HistoryManager.enabled=False",
+    # ipykernel sleeps 0.5 ms before every execute_reply ("FIXME ... seems to mitigate" output
+    # arriving after the reply). The box waits for iopub idle, which is sent after all of a
+    # cell's output on the same socket, so the sleep buys it nothing.
+    "--IPythonKernel._execute_sleep=0",
+)
+#: Added to the session env for the kernel (inline plots; no debugpy warning about frozen modules).
+_KERNEL_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
 
 
 def _log_start_failure(task: asyncio.Task) -> None:
@@ -56,7 +83,7 @@ def _strip_ansi(text: str) -> str:
 
 
 class Kernel:
-    """Owns one ipykernel process and its client; restartable, closeable.
+    """Owns one ipykernel process, its client and its fork server; restartable, closeable.
 
     ``env`` is called at every (re)start for the kernel's environment, so a
     restarted kernel sees the current session env. ``close()`` is idempotent.
@@ -67,39 +94,16 @@ class Kernel:
         self._state_dir = Path(state_dir)
         self._env = env
         self._lock = asyncio.Lock()
-        self._km: Optional[AsyncKernelManager] = None
+        self._forks = ForkServer()
+        self._context: Optional[zmq.asyncio.Context] = None
+        self._proc: Optional[ProcessHandle] = None
         self._kc: Any = None
+        self._files: list[Path] = []
         self._starting: Optional[asyncio.Task] = None
         self._closed = False
         self._generation = 0
-        self._spec_dir = self._write_spec()
 
     # --- lifecycle ---
-
-    def _write_spec(self) -> Path:
-        kernels = self._state_dir / "kernels"
-        spec = kernels / KERNEL_NAME
-        spec.mkdir(parents=True, exist_ok=True)
-        (spec / "kernel.json").write_text(
-            json.dumps(
-                {
-                    "argv": [
-                        # ipykernel with a flush() that skips its thread round trip when nothing is buffered.
-                        sys.executable, str(Path(__file__).with_name("kernel_main.py")), "-f", "{connection_file}",
-                        # History lives in SQLite under $HOME: a write per cell, and files in the user's tmp dir.
-                        "--HistoryManager.enabled=False",
-                        # ipykernel sleeps 0.5 ms before every execute_reply ("FIXME ... seems to mitigate"
-                        # output arriving after the reply). The box waits for iopub idle, which is sent after
-                        # all of a cell's output on the same socket, so the sleep buys it nothing.
-                        "--IPythonKernel._execute_sleep=0",
-                    ],
-                    "display_name": "corral python",
-                    "language": "python",
-                    "interrupt_mode": "signal",
-                }
-            )
-        )
-        return kernels
 
     def start_background(self) -> None:
         """Start the kernel without waiting (a warm box answers its first cell fast)."""
@@ -121,42 +125,48 @@ class Kernel:
 
     async def _start(self) -> None:
         self._generation += 1
-        env = {**self._env(), "MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
-        ksm = KernelSpecManager(kernel_dirs=[str(self._spec_dir)])
-        km = AsyncKernelManager(
-            kernel_name=KERNEL_NAME,
-            kernel_spec_manager=ksm,
-            connection_file=str(self._state_dir / f"kernel-{self._generation}.json"),
-            # Unix sockets in the private state dir: faster than loopback TCP and not reachable by port.
-            transport="ipc",
+        env = {**self._env(), **_KERNEL_ENV}
+        # Unix sockets in the private state dir: faster than loopback TCP and not reachable by port.
+        base = self._state_dir / f"kernel-{self._generation}"
+        connection_file, info = write_connection_file(
+            f"{base}.json", ip=f"{base}-ipc", transport="ipc", key=new_id_bytes()
         )
+        files = [Path(connection_file)] + [
+            Path(f"{info['ip']}-{info[port]}")
+            for port in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+        ]
+        argv = [sys.executable, KERNEL_MAIN, "-f", connection_file, *_KERNEL_FLAGS]
+        proc = kc = None
         try:
-            await km.start_kernel(env=env, cwd=self._cwd)
-            kc = km.client()
-            kc.start_channels()
-            await kc.wait_for_ready(timeout=_STARTUP_TIMEOUT)
+            proc = await self._launch(argv, env)
+            if self._context is None:
+                self._context = zmq.asyncio.Context()
+                self._context.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS[0])
+                self._context.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MS[1])
+            kc = AsyncKernelClient(context=self._context)
+            kc.load_connection_info(info)
+            # No heartbeat thread (liveness is the process's), no stdin (cells never read it), no control.
+            kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+            await _wait_ready(kc, proc, _STARTUP_TIMEOUT)
         except Exception as exc:
-            try:
-                await km.shutdown_kernel(now=True)
-            except Exception:
-                pass
+            await _discard(proc, kc, files)
             raise SandboxError(f"the Python kernel failed to start: {exc}") from exc
-        self._km, self._kc = km, kc
+        self._proc, self._kc, self._files = proc, kc, files
+
+    async def _launch(self, argv: list[str], env: dict[str, str]) -> ProcessHandle:
+        if not self._forks.disabled:
+            try:
+                return ProcessHandle(await self._forks.fork(argv, env, self._cwd, _STARTUP_TIMEOUT))
+            except ForkServerError as exc:
+                logger.warning("kernel fork server: %s; spawning the kernel instead", exc)
+        return ProcessHandle.spawn(argv, env, self._cwd)
 
     async def _stop(self) -> None:
-        km, kc = self._km, self._kc
-        self._km = self._kc = None
+        proc, kc, files = self._proc, self._kc, self._files
+        self._proc = self._kc = None
+        self._files = []
         self._starting = None
-        if kc is not None:
-            try:
-                kc.stop_channels()
-            except Exception:
-                pass
-        if km is not None:
-            try:
-                await km.shutdown_kernel(now=True)
-            except Exception as exc:  # already dead: nothing to stop
-                logger.debug("kernel shutdown: %s", exc)
+        await _discard(proc, kc, files)
 
     async def _restart_unlocked(self) -> None:
         await self._stop()
@@ -170,11 +180,8 @@ class Kernel:
         ``wait=False`` the new kernel boots in the background and the next
         cell waits for it.
         """
-        if self._lock.locked() and self._km is not None:
-            try:
-                await self._km.interrupt_kernel()
-            except Exception:
-                pass
+        if self._lock.locked() and self._proc is not None:
+            self._proc.signal(signal.SIGINT)
         async with self._lock:
             await self._stop()
             if wait:
@@ -184,17 +191,19 @@ class Kernel:
 
     def pid(self) -> Optional[int]:
         """The kernel process's pid (None when no kernel runs)."""
-        km = self._km
-        prov = getattr(km, "provisioner", None) if km is not None else None
-        proc = getattr(prov, "process", None)
-        return getattr(proc, "pid", None) or getattr(prov, "pid", None)
+        proc = self._proc
+        return proc.pid if proc is not None else None
+
+    def pids(self) -> set[int]:
+        """The pids this kernel needs running: the kernel's and its fork server's."""
+        return {pid for pid in (self.pid(), self._forks.pid()) if pid is not None}
 
     async def alive(self) -> bool:
-        km = self._km
-        return km is not None and await km.is_alive()
+        proc = self._proc
+        return proc is not None and proc.alive()
 
     async def close(self) -> None:
-        """Kill the kernel for good. Idempotent."""
+        """Kill the kernel and its fork server for good. Idempotent."""
         self._closed = True
         starting = self._starting
         if starting is not None and not starting.done():
@@ -203,6 +212,10 @@ class Kernel:
             except Exception:
                 pass
         await self._stop()
+        await self._forks.close()
+        if self._context is not None:
+            self._context.destroy(linger=0)
+            self._context = None
 
     # --- cells ---
 
@@ -233,11 +246,11 @@ class Kernel:
     async def _execute(self, code: str, timeout: float, silent: bool) -> dict:
         start = time.perf_counter()
         await self._ensure()
-        km, kc = self._km, self._kc
-        if not await km.is_alive():
+        proc, kc = self._proc, self._kc
+        if not proc.alive():
             # Died between cells (e.g. a thread called os._exit): start fresh before running.
             await self._restart_unlocked()
-            km, kc = self._km, self._kc
+            proc, kc = self._proc, self._kc
         msg_id = kc.execute(code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=False)
         out = _Cell()
         loop = asyncio.get_running_loop()
@@ -247,12 +260,12 @@ class Kernel:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 status = "timeout"
-                await self._interrupt(kc, km, msg_id, out)
+                await self._interrupt(kc, proc, msg_id, out)
                 break
             try:
                 msg = await _recv(kc.iopub_channel, msg_id, min(remaining, _LIVENESS_EVERY))
             except queue.Empty:
-                if not await km.is_alive():
+                if not proc.alive():
                     status = "died"
                     break
                 continue
@@ -278,12 +291,9 @@ class Kernel:
             "duration_ms": (time.perf_counter() - start) * 1000,
         }
 
-    async def _interrupt(self, kc: Any, km: AsyncKernelManager, msg_id: str, out: "_Cell") -> None:
+    async def _interrupt(self, kc: Any, proc: ProcessHandle, msg_id: str, out: "_Cell") -> None:
         """Interrupt a cell past its deadline; restart the kernel if it does not come back."""
-        try:
-            await km.interrupt_kernel()
-        except Exception as exc:
-            logger.warning("kernel interrupt failed: %s", exc)
+        proc.signal(signal.SIGINT)  # jupyter_client's interrupt_mode "signal": SIGINT to the kernel's group
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _INTERRUPT_GRACE
         # Collect up to idle, but drop the KeyboardInterrupt the interrupt itself raised.
@@ -292,7 +302,7 @@ class Kernel:
             try:
                 msg = await _recv(kc.iopub_channel, msg_id, min(_LIVENESS_EVERY, max(0.01, deadline - loop.time())))
             except queue.Empty:
-                if not await km.is_alive():
+                if not proc.alive():
                     break
                 continue
             if msg is not None:
@@ -354,6 +364,59 @@ async def _recv(channel: Any, msg_id: str, timeout: float) -> Optional[tuple[str
     if json.loads(parent).get("msg_id") != msg_id:
         return None
     return json.loads(header).get("msg_type", ""), json.loads(content)
+
+
+async def _wait_ready(kc: Any, proc: ProcessHandle, timeout: float) -> None:
+    """Return once the kernel answers on shell and the box's iopub subscription has reached it.
+
+    A kernel_info reply shows the kernel is up. Any iopub message after it (the
+    request's busy/idle, or ipykernel's welcome to a new subscriber) shows the
+    subscription is live: zmq drops what a kernel publishes before that, so a
+    cell sent earlier could lose its output. Without one, ask again.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        msg_id = kc.kernel_info()
+        if await _reply(kc.shell_channel, msg_id, min(1.0, max(0.01, deadline - loop.time()))):
+            try:
+                await asyncio.wait_for(kc.iopub_channel.socket.recv_multipart(), _IOPUB_PROBE)
+                return
+            except asyncio.TimeoutError:
+                pass
+        if not proc.alive():
+            raise RuntimeError("the kernel exited while it started")
+        if loop.time() > deadline:
+            raise RuntimeError(f"the kernel did not answer in {timeout:.0f} s")
+
+
+async def _reply(channel: Any, msg_id: str, timeout: float) -> bool:
+    """True once ``channel`` delivers the answer to ``msg_id`` within ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            if await _recv(channel, msg_id, max(0.001, deadline - loop.time())) is not None:
+                return True
+        except queue.Empty:
+            return False
+    return False
+
+
+async def _discard(proc: Optional[ProcessHandle], kc: Any, files: list[Path]) -> None:
+    """Close a kernel's channels, kill its process group and remove its connection file and sockets."""
+    if kc is not None:
+        try:
+            kc.stop_channels()
+        except Exception as exc:
+            logger.debug("kernel channels: %s", exc)
+    if proc is not None:
+        await proc.kill()
+    for path in files:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 class _Cell:

@@ -123,7 +123,7 @@ class BoxRuntime:
         killed = self.shell.kill_all()
         killed += await self.mcp.close()
         if self.in_container:
-            killed += kill_everything_but({1, os.getpid(), self.kernel.pid()})
+            killed += kill_everything_but({1, os.getpid(), *self.kernel.pids()})
         self.session_env.clear()
         if restart_kernel:
             # The new kernel boots while we wipe; the next cell waits for it if needed.

@@ -95,3 +95,41 @@ def test_refuses_to_start_without_a_token(tmp_path: Path, token) -> None:
         assert not ready.exists()
     finally:
         _kill(proc)
+
+
+def _kernel_and_fork_server(info: dict) -> tuple[int, int, list[int]]:
+    """The box's kernel pid, its fork server's pid, and every descendant of the box."""
+    import psutil
+
+    url = f"http://127.0.0.1:{info['port']}"
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60, trust_env=False) as http:
+        assert http.post("/v1/reset", json={"restart_kernel": True}).status_code == 200
+        out = http.post("/v1/python", json={"code": "import os; os.getpid(), os.getppid()"}).json()
+    kernel, server = (int(p) for p in out["result"]["text/plain"].strip("()").split(","))
+    descendants = [p.pid for p in psutil.Process(info["pid"]).children(recursive=True)]
+    assert server in descendants and kernel in descendants and server != info["pid"]
+    return kernel, server, descendants
+
+
+def _all_gone(pids: list[int], within: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + within
+    while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if process_alive(p)]
+
+
+def test_no_process_of_the_box_outlives_its_sigterm(box) -> None:
+    proc, info, _ = box
+    _, _, descendants = _kernel_and_fork_server(info)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert _all_gone(descendants) == []
+
+
+def test_a_killed_box_takes_its_fork_server_and_kernel_along(box) -> None:
+    # No close() runs: the fork server sees its socket close, kills its kernels and exits.
+    proc, info, _ = box
+    kernel, server, _ = _kernel_and_fork_server(info)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(15)
+    assert _all_gone([kernel, server]) == []

@@ -106,6 +106,25 @@ async def test_python_cell_runs_on_read_only_root(tracker, docker_ready):
         assert r.json()["result"]["text/plain"] == "43"
 
 
+async def test_a_kernel_cannot_reach_into_the_fork_server_it_came_from(tracker, docker_ready):
+    """Kernels fork from a per-box server; a session must not be able to plant code in it for the next."""
+    h = await tracker.create(_spec(docker_ready))
+    code = (
+        "import os\nppid = os.getppid()\n"
+        "cmd = open(f'/proc/{ppid}/cmdline', 'rb').read().split(b'\\0')\n"
+        "try:\n    open(f'/proc/{ppid}/mem', 'rb').close(); mem = 'open'\n"
+        "except PermissionError:\n    mem = 'denied'\n"
+        "print(b'--fork-server' in cmd, mem, os.stat(f'/proc/{ppid}/mem').st_uid, os.stat('/proc/self/mem').st_uid)"
+    )
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as http:
+        r = await http.post(f"{h.url}/v1/python", json={"code": code}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        forked, mem, server_owner, own_owner = r.json()["stdout"].split()
+    assert forked == "True"  # this kernel was forked by the server
+    assert mem == "denied" and server_owner == "0"  # not dumpable: its memory is out of the kernel's reach
+    assert own_owner == "1000"  # the kernel's own process stays the session's
+
+
 async def test_without_a_workspace_the_box_gets_a_scratch_one(tracker, docker_ready):
     h = await tracker.create(_spec(docker_ready))
     out = _shell(h.url, "echo scratch > s.txt && cat s.txt && stat -c %u /workspace")

@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-import corral
 from corral.drivers import ContainerSpec
 
 import corral_docker_testkit as testkit  # registered by tests/docker/conftest.py

@@ -8,8 +8,6 @@ and ``make_manager`` removes them and every box at teardown.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import subprocess
 import sys
 import time
