@@ -46,12 +46,15 @@ WARM_UP_TIMEOUT = 60.0  # seconds a new or reset sandbox's kernel may take to ru
 class PoolActor:
     """See the module docstring. ``acquire``/``create`` are the hot paths."""
 
-    def __init__(self, config: dict, sandbox_type: str, max_parallel_starts: int = 4) -> None:
+    def __init__(self, config: dict, sandbox_type: str, max_parallel_starts: int = 4,
+                 max_parallel_resets: int = 16) -> None:
         self.config = SandboxManagerEnvConfig.model_validate(config)
         self.type = self.config.sandbox_type(sandbox_type)
         self.ns = self.config.namespace
         self.core = PoolCore(self.type.name, self.config.pool_target(self.type.name))
         self._starts = asyncio.Semaphore(max_parallel_starts)
+        # A reset (a kernel forked from the box's fork server) costs a tenth of a start: more at once.
+        self._resets = asyncio.Semaphore(max_parallel_resets)
         self._boot_task: Optional[asyncio.Task] = None
         self._ticker: Optional[Ticker] = None
         self._health_due = 0.0
@@ -220,7 +223,7 @@ class PoolActor:
         if action == "reset":
             self.core.resetting += 1
             try:
-                async with self._starts:  # a kernel restart costs as much CPU as a start: same bound
+                async with self._resets:
                     ok = await self._reset(rec)
                 back = await self.registry.reset_done.remote(name, ok)
             finally:

@@ -52,6 +52,7 @@ SPARE_TRIM_AFTER = 60.0
 MAX_SPAWNING = 4  # session actors being started at once
 SPARE_QUIET = 2.0  # seconds without a claim before spares are topped up
 ATTACH_DELAY = 0.02  # seconds a claim's session actor update waits, so a burst's updates go out after its answers
+AFTER_ANSWER = 0.003  # seconds messages caused by an answer (pool counts, teardowns) wait: each send costs ~1 ms here
 
 
 class RegistryActor:
@@ -68,6 +69,7 @@ class RegistryActor:
         self._warm_waiters: dict[str, deque[tuple[asyncio.Future, Optional[str], Optional[dict]]]] = {}
         self._claimed: dict[str, int] = {}  # sandbox_type -> claims so far (pools consume reserve() by it)
         self._views_sent: dict[str, tuple] = {}  # sandbox_type -> the last (warm, waiting, claimed) sent to its pool
+        self._views_due = False
         self._pending_actor: dict[str, asyncio.Future] = {}  # session_ctx_id -> its session actor being created
         # Claimed containers whose session actor has not been told yet (sent in order, after the
         # answers), and what has been told: a session released before its actor heard of it
@@ -147,7 +149,7 @@ class RegistryActor:
         async with self._commit_lock:
             changed, deleted = self.core.take_changes()
             await self.store.append(changed, deleted)
-        self._sync_views()
+        self._views_soon()
 
     # -- what the pools see ------------------------------------------------------
 
@@ -155,8 +157,15 @@ class RegistryActor:
         return (self.core.warm_count(sandbox_type), len(self._warm_waiters.get(sandbox_type, ())),
                 self._claimed.get(sandbox_type, 0))
 
+    def _views_soon(self) -> None:
+        """:meth:`_sync_views` just after the answer in hand has gone out (once for a burst of changes)."""
+        if not self._views_due:
+            self._views_due = True
+            asyncio.get_running_loop().call_later(AFTER_ANSWER, self._sync_views)
+
     def _sync_views(self) -> None:
-        """Tell each pool whose warm/waiting/claimed counts changed (one message per pool, after the answer)."""
+        """Tell each pool whose warm/waiting/claimed counts changed (one message per pool)."""
+        self._views_due = False
         for t in self.config.sandbox_types:
             view = self._view(t)
             if self._views_sent.get(t) != view:
@@ -523,7 +532,7 @@ class RegistryActor:
             await self._commit()
             self._queue_attach(claimed)
         else:
-            self._sync_views()  # new waiters: the pool must know now
+            self._views_soon()  # new waiters: the pool must know
         for i, waiting in waits:
             try:
                 out[i] = await waiting
@@ -563,7 +572,7 @@ class RegistryActor:
             for item in list(line):
                 if item[0] is fut:
                     line.remove(item)
-            self._sync_views()
+            self._views_soon()
         await self._commit()
         self._queue_attach([rec])
         return rec
@@ -652,6 +661,7 @@ class RegistryActor:
         return out
 
     async def _after_release(self, done: list) -> None:
+        await asyncio.sleep(AFTER_ANSWER)  # the answer first
         freed = 0
         for td, sid, name in done:
             if td is not None:
@@ -669,7 +679,7 @@ class RegistryActor:
         self._teardowns.setdefault(td.record.sandbox_type or self.config.default_type, []).append(td)
 
     async def _flush_teardowns(self) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(AFTER_ANSWER)
         batches, self._teardowns = self._teardowns, {}
         for t, tds in batches.items():
             items = [(td.record.model_dump(mode="json"), td.action, td.upload) for td in tds]
