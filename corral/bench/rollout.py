@@ -65,7 +65,7 @@ CORRAL_SYSTEMS = ("corral", "corral_destroy", "cold")
 QUICK = {"workers": 4, "episodes": 2, "calls": 4}
 DEFAULT = {"workers": 32, "episodes": 3, "calls": 8}
 #: Connection limits of the shared httpx client, the same as corral's AsyncOps uses.
-HTTP_LIMITS = {"max_connections": 256, "max_keepalive_connections": 64}
+HTTP_LIMITS = {"max_connections": 256, "max_keepalive_connections": 64, "keepalive_expiry": 30.0}
 
 
 @dataclass

@@ -23,6 +23,10 @@ __all__ = ["main", "parse_args", "write_ready_file"]
 
 #: Seconds in-flight requests get to finish after SIGTERM before the box closes them.
 SHUTDOWN_GRACE = 2.0
+#: Seconds an idle keep-alive connection stays open. Longer than any client keeps one
+#: (corral's drop theirs after 30 s): a server that closes first races a client that is
+#: sending a request on it, and the request fails with a reset connection.
+KEEP_ALIVE = 75
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -70,6 +74,7 @@ async def _serve(args: argparse.Namespace, token: str) -> None:
             access_log=False,
             lifespan="off",  # the runtime is started and closed here, around the server
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
+            timeout_keep_alive=KEEP_ALIVE,
             server_header=False,
         )
         ready_file = args.ready_file

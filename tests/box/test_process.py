@@ -133,3 +133,33 @@ def test_a_killed_box_takes_its_fork_server_and_kernel_along(box) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(15)
     assert _all_gone([kernel, server]) == []
+
+
+def _read_response(s) -> bytes:
+    """One whole HTTP/1.1 response (head and Content-Length body) from socket ``s``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"the box closed the connection (got {data!r})"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, "the box closed the connection mid-body"
+        body += chunk
+    return head
+
+
+def test_an_idle_keep_alive_connection_outlives_a_client_pause(box) -> None:
+    """The box keeps idle connections longer than clients do, so a client never sends on one the box closed."""
+    import socket
+
+    _, info, _ = box
+    request = (f"GET /v1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", info["port"]), timeout=10) as s:
+        s.sendall(request)
+        assert _read_response(s).startswith(b"HTTP/1.1 200")
+        time.sleep(6)  # past uvicorn's default keep-alive of 5 s
+        s.sendall(request)
+        assert _read_response(s).startswith(b"HTTP/1.1 200")  # the same connection still answers

@@ -325,3 +325,25 @@ def test_a_burst_is_one_registry_call_and_waiters_are_served_in_arrival_order(ma
     asyncio.run(main())
     st = m.status()
     assert st["active"] <= n and not st.get("waiting_for_warm")
+
+
+def test_sandboxes_and_session_actors_yield_the_cpu_to_the_control_plane(make_manager):
+    import psutil
+    import ray
+
+    from corral.actors.common import SESSION_PREFIX
+
+    m = make_manager(pool_size=1)
+    m.reserve(n=0, wait=True)
+    registry = [p for p in psutil.process_iter(["cmdline"]) if "ray::RegistryActor" in " ".join(p.info["cmdline"] or [])]
+    assert registry
+    control = max(p.nice() for p in registry)
+    with m.acquire() as sb:
+        box_pid = int(sb.shell("echo $PPID").stdout)  # the shell's parent: the box
+        kernel_pid = int(sb.python("import os; os.getpid()").text)
+        sessions = [ray.get(ray.get_actor(e["name"], namespace=m.config.namespace).describe.remote())["pid"]
+                    for e in ray.util.list_named_actors(all_namespaces=True)
+                    if e["namespace"] == m.config.namespace and e["name"].startswith(SESSION_PREFIX)]
+        assert sessions
+        for pid in [box_pid, kernel_pid, *sessions]:  # lower priority than the registry, or the floor
+            assert psutil.Process(pid).nice() > control or psutil.Process(pid).nice() == 19

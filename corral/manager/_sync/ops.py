@@ -66,7 +66,8 @@ class Ops:
         self.owned = owned if owned is not None else set()  # names this manager created and has not released
         self._http = httpx.Client(
             trust_env=False, timeout=30.0,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            # idle connections dropped before the box drops them (it keeps them 75 s)
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=30.0),
         )
         self._boxes: dict[str, BoxClient] = {}
         # Concurrent acquires of one type, and concurrent releases, go to the registry as one call each.
