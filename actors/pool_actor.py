@@ -30,7 +30,7 @@ from corral.drivers import ContainerSpec, make_driver
 from corral.errors import CapacityError, CorralError, DriverError, InvalidRequest
 from corral.models import ContainerModel, SandboxManagerEnvConfig, check_env, labels_for
 
-from .common import REGISTRY_NAME, Ticker, fire
+from .common import CONTROL_NICE, set_priority, REGISTRY_NAME, Ticker, fire
 from .metrics import pool_metrics
 
 __all__ = ["PoolActor"]
@@ -48,6 +48,7 @@ class PoolActor:
 
     def __init__(self, config: dict, sandbox_type: str, max_parallel_starts: int = 4,
                  max_parallel_resets: int = 16) -> None:
+        self.nice = set_priority(CONTROL_NICE)  # answers acquires and releases: ahead of the sandboxes
         self.config = SandboxManagerEnvConfig.model_validate(config)
         self.type = self.config.sandbox_type(sandbox_type)
         self.ns = self.config.namespace
@@ -401,4 +402,4 @@ class PoolActor:
     async def stats(self) -> dict:
         await self._ready()
         return {**self.core.stats(), "started_total": self.started_total, "failed_total": self.failed_total,
-                "dropped_unhealthy": self.dropped_total, "tick_errors": self._ticker.errors}
+                "dropped_unhealthy": self.dropped_total, "tick_errors": self._ticker.errors, "nice": self.nice}

@@ -40,7 +40,7 @@ from corral.errors import CapacityError, CorralError, InvalidRequest
 from corral.models import LABEL_MANAGED, LABEL_REGISTRY, ContainerState, SandboxManagerEnvConfig
 from corral.store import JsonlRecordStore
 
-from .common import SESSION_PREFIX, Ticker, fire, pool_name
+from .common import CONTROL_NICE, set_priority, SESSION_PREFIX, Ticker, fire, pool_name
 from .metrics import registry_metrics
 
 __all__ = ["RegistryActor"]
@@ -59,6 +59,7 @@ class RegistryActor:
     """See the module docstring. Every public method is safe to retry (Ray may)."""
 
     def __init__(self, config: dict) -> None:
+        self.nice = set_priority(CONTROL_NICE)  # answers acquires and releases: ahead of the sandboxes
         self.config = SandboxManagerEnvConfig.model_validate(config)
         self.ns = self.config.namespace
         self.core = RegistryCore(self.config, registry_id=self.ns)
@@ -807,6 +808,7 @@ class RegistryActor:
             "records": [r.public() for r in self.core.records.values()],
             "tick_errors": self._ticker.errors if self._ticker else 0,
             "started_at": self.started_at,
+            "nice": self.nice,
         }
 
     async def cleanup(self) -> list[str]:

@@ -28,22 +28,12 @@ import ray
 from corral.core.session import REAP, SessionCore
 from corral.models import SandboxManagerEnvConfig
 
-from .common import REGISTRY_NAME, Ticker
+from .common import REGISTRY_NAME, Ticker, set_priority
 
 __all__ = ["SessionActor"]
 
 logger = logging.getLogger("corral.session")
 SESSION_NICE_INCREMENT = 4  # above the niceness Ray gives its workers (15): the sandboxes' level
-
-
-def _renice_all_threads(increment: int) -> None:
-    """Lower this process's CPU priority. Linux keeps a niceness per thread, and Ray's threads
-    (and the actor's event loop) are already running here: each is reniced."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, int(tid), min(19, os.getpriority(os.PRIO_PROCESS, int(tid)) + increment))
-        except OSError:  # a thread that just ended
-            pass
 
 
 class SessionActor:
@@ -52,7 +42,7 @@ class SessionActor:
     def __init__(self, config: dict) -> None:
         # Nothing a session actor does is urgent (its clock runs in seconds); on a loaded node
         # the registry and the pools, which answer acquires and releases, go first.
-        _renice_all_threads(SESSION_NICE_INCREMENT)
+        set_priority(increment=SESSION_NICE_INCREMENT)
         self.config = SandboxManagerEnvConfig.model_validate(config)
         self.core: Optional[SessionCore] = None
         self.sessions_served = 0

@@ -335,9 +335,9 @@ def test_sandboxes_and_session_actors_yield_the_cpu_to_the_control_plane(make_ma
 
     m = make_manager(pool_size=1)
     m.reserve(n=0, wait=True)
-    registry = [p for p in psutil.process_iter(["cmdline"]) if "ray::RegistryActor" in " ".join(p.info["cmdline"] or [])]
-    assert registry
-    control = max(p.nice() for p in registry)
+    st = m.status()
+    control = max(st["nice"], st["pools"]["base"]["nice"])
+    assert control <= 15  # Ray starts workers at 15; raised to 0 where the OS allows it
     with m.acquire() as sb:
         box_pid = int(sb.shell("echo $PPID").stdout)  # the shell's parent: the box
         kernel_pid = int(sb.python("import os; os.getpid()").text)
