@@ -89,7 +89,7 @@ class PoolActor:
             await self.registry.reset_done.remote(rec.container_name, False)
             fire(self.driver.remove(rec.container_id), "remove half-reset container")
         v = await self.registry.pool_view.remote(self.type.name)
-        self.core.view(v["warm"], v["waiting"], v["claimed"])
+        self.core.view(v["warm"], v["waiting"], v["claimed"], v["resetting"])
         self._ticker = Ticker(f"pool-{self.type.name}", 0.5, self._tick)
         self._ticker.start()
 
@@ -350,9 +350,9 @@ class PoolActor:
             await asyncio.sleep(0.05)
         return self.core.stats()
 
-    async def view(self, warm: int, waiting: int, claimed: int) -> None:
-        """The registry's warm/waiting/claimed counts of this type changed: refill from them."""
-        self.core.view(warm, waiting, claimed)
+    async def view(self, warm: int, waiting: int, claimed: int, resetting: int = 0) -> None:
+        """The registry's warm/waiting/claimed/resetting counts of this type changed: refill from them."""
+        self.core.view(warm, waiting, claimed, resetting)
         self.metrics.warm.set(warm)
         self.metrics.waiting.set(waiting)
         if self._ticker is not None and self.core.deficit():

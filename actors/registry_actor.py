@@ -156,7 +156,7 @@ class RegistryActor:
 
     def _view(self, sandbox_type: str) -> tuple:
         return (self.core.warm_count(sandbox_type), len(self._warm_waiters.get(sandbox_type, ())),
-                self._claimed.get(sandbox_type, 0))
+                self._claimed.get(sandbox_type, 0), self.core.count(sandbox_type, S.RESETTING))
 
     def _views_soon(self) -> None:
         """:meth:`_sync_views` just after the answer in hand has gone out (once for a burst of changes)."""
@@ -181,8 +181,8 @@ class RegistryActor:
     async def pool_view(self, sandbox_type: str) -> dict:
         """The counts a pool refills from (it asks at boot; afterwards they are pushed)."""
         await self._ready()
-        warm, waiting, claimed = self._view(sandbox_type)
-        return {"warm": warm, "waiting": waiting, "claimed": claimed}
+        warm, waiting, claimed, resetting = self._view(sandbox_type)
+        return {"warm": warm, "waiting": waiting, "claimed": claimed, "resetting": resetting}
 
     # -- session actors --------------------------------------------------------
 

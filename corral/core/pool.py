@@ -30,6 +30,7 @@ class PoolCore:
         self.warm = 0  # view: WARM containers of the type (the registry's count)
         self.waiting = 0  # view: acquirers waiting for one (the registry's count)
         self.claimed = 0  # view: claims the registry has made of this type so far
+        self.resetting_view = 0  # view: RESETTING records (released, reset not yet reported back)
         self.starting = 0
         self.resetting = 0  # released containers being reset: they come back warm
         self.failures = 0  # consecutive failed starts (for backoff)
@@ -56,13 +57,17 @@ class PoolCore:
         """How many more starts to launch now: target and waiters, minus warm, starting and resetting
         (a reset takes a fraction of a start's time and CPU, so it is waited for, not raced)."""
         want = self.target + self.waiting
-        return max(0, want - self.warm - self.starting - self.resetting)
+        # the registry counts a release as resetting at once; the pool's own count only once the
+        # reset reaches it, and until the registry hears it is done: the larger is the truer
+        coming_back = max(self.resetting, self.resetting_view)
+        return max(0, want - self.warm - self.starting - coming_back)
 
-    def view(self, warm: int, waiting: int, claimed: int) -> None:
+    def view(self, warm: int, waiting: int, claimed: int, resetting: int = 0) -> None:
         """The registry's counts; claims made since the last view consume reserved extra."""
         taken = max(0, claimed - self.claimed)
         self.extra = max(0, self.extra - taken)
         self.warm, self.waiting, self.claimed = max(0, warm), max(0, waiting), claimed
+        self.resetting_view = max(0, resetting)
 
     def start_begun(self, n: int = 1) -> None:
         self.starting += n
@@ -85,7 +90,7 @@ class PoolCore:
             "target": self.target,
             "warm": self.warm,
             "starting": self.starting,
-            "resetting": self.resetting,
+            "resetting": max(self.resetting, self.resetting_view),
             "waiting": self.waiting,
             "failures": self.failures,
         }

@@ -76,6 +76,7 @@ class RegistryCore:
         self.sessions: dict[str, list[str]] = {}
         self.counted = 0
         self.warm: dict[str, dict[str, None]] = {}  # sandbox_type -> WARM names, oldest first
+        self._counts: dict[tuple[str, str], int] = {}  # (sandbox_type, state) -> records
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
         self._dumps: dict[str, dict] = {}  # name -> the JSON dict written by the last commit
@@ -127,7 +128,12 @@ class RegistryCore:
         return len(self.warm.get(sandbox_type, ()))
 
     def count(self, sandbox_type: str, state) -> int:
-        return sum(1 for r in self.records.values() if r.sandbox_type == sandbox_type and r.state == state)
+        """Records of the type in the state (kept as transitions happen: O(1))."""
+        return self._counts.get((sandbox_type, ContainerState(state).value), 0)
+
+    def _tally(self, rec: ContainerModel, state, n: int) -> None:
+        key = (rec.sandbox_type or self.config.default_type, ContainerState(state).value)
+        self._counts[key] = self._counts.get(key, 0) + n
 
     # -- internal --------------------------------------------------------------
 
@@ -143,6 +149,8 @@ class RegistryCore:
         now_counted = new in COUNTED_STATES
         if (rec.state == S.WARM) != (new == S.WARM):
             self._index_warm(rec, new == S.WARM)
+        self._tally(rec, rec.state, -1)
+        self._tally(rec, new, 1)
         rec.state = new
         rec.updated_at = self.clock()
         rec.rev += 1
@@ -177,6 +185,7 @@ class RegistryCore:
                 self.counted -= 1
             if rec.state == S.WARM:
                 self._index_warm(rec, False)
+            self._tally(rec, rec.state, -1)
             if rec.session_ctx_id and rec.container_name in self.sessions.get(rec.session_ctx_id, []):
                 self._unbind_session(rec)
 
@@ -223,6 +232,7 @@ class RegistryCore:
         )
         self.records[name] = rec
         self.counted += 1
+        self._tally(rec, S.STARTING, 1)
         self._dirty.add(name)
         if session_ctx_id:
             self._bind_session(rec, session_ctx_id)
@@ -465,6 +475,7 @@ class RegistryCore:
         self.records.clear()
         self.sessions.clear()
         self.warm.clear()
+        self._counts.clear()
         self.counted = 0
         for raw in sorted(raws, key=lambda r: r.get("updated_at") or 0):
             rec = ContainerModel.model_validate(raw)
@@ -473,6 +484,7 @@ class RegistryCore:
                 self.counted += 1
             if rec.state == S.WARM:
                 self._index_warm(rec, True)
+            self._tally(rec, rec.state, 1)
             if rec.session_ctx_id and rec.state in (S.RUNNING, S.RECYCLED):
                 self.sessions.setdefault(rec.session_ctx_id, []).append(rec.container_name)
 

@@ -101,9 +101,17 @@ def test_warm_index_hands_out_the_longest_warm_first_and_follows_every_transitio
     reg.reset_done(a, True)
     assert list(reg.warm["base"]) == [c, a]  # back at the end of the line
     assert reg.count("base", S.WARM) == 2
+    reg.release(c, reuse=True)  # WARM is not reset on release: it goes
+    reg.claim(a, "s2")
+    reg.release(a, reuse=True)
+    assert reg.count("base", S.RESETTING) == 1
+    for t in ("base", "gpu"):  # the kept counts agree with a scan
+        for st in S:
+            assert reg.count(t, st) == sum(1 for r in reg.records.values() if r.sandbox_type == t and r.state == st)
     reloaded, _ = make_registry(types={"base": SandboxTypeConfig(name="base"), "gpu": SandboxTypeConfig(name="gpu")})
     reloaded.load_records([r.model_dump(mode="json") for r in reg.records.values()])
-    assert list(reloaded.warm["base"]) == [c, a] and reloaded.warm_count("gpu") == 1
+    assert reloaded.warm_count("base") == 0 and reloaded.warm_count("gpu") == 1
+    assert reloaded.count("base", S.RESETTING) == 1 and reloaded.count("base", S.RELEASED) == 2
     reloaded.start_failed("nope")
     for name in list(reg.records):
         reg._drop(name)
@@ -244,6 +252,9 @@ def test_pool_deficit_counts_warm_starting_and_waiters():
     assert p.deficit() == 0 and p.surplus() == 3
     p.view(warm=0, waiting=2, claimed=0)
     p.resetting = 4  # released sandboxes on their way back
+    assert p.deficit() == 0
+    p.resetting = 0
+    p.view(warm=0, waiting=2, claimed=0, resetting=4)  # released, the reset not yet begun here
     assert p.deficit() == 0
 
 
