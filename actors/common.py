@@ -115,17 +115,22 @@ def fire(coro: Awaitable[Any], what: str) -> asyncio.Task:
 CONTROL_NICE = 0
 
 
-def set_priority(nice: Optional[int] = None, increment: int = 0) -> int:
+def set_priority(nice: Optional[int] = None, increment: int = 0, idle: bool = False) -> int:
     """Set this process's CPU niceness (``nice``, or the current plus ``increment``); returns it.
 
     Linux keeps a niceness per thread, and Ray's threads and the actor's event loop already
     run: each is set. Raising a priority needs CAP_SYS_NICE; without it the niceness stays
-    (and is returned) as it was.
+    (and is returned) as it was. With ``idle`` each thread also goes under SCHED_IDLE (any
+    process may lower itself so): every normal thread that wakes preempts it at once, so an
+    actor whose work is never urgent adds no wait to the calls of those that answer acquires.
+    Threads started later inherit both from the thread that starts them.
     """
     for tid in os.listdir("/proc/self/task"):
         try:
             cur = os.getpriority(os.PRIO_PROCESS, int(tid))
             os.setpriority(os.PRIO_PROCESS, int(tid), min(19, nice if nice is not None else cur + increment))
+            if idle and hasattr(os, "SCHED_IDLE"):
+                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
         except OSError:  # not permitted, or a thread that just ended
             pass
     return os.getpriority(os.PRIO_PROCESS, 0)

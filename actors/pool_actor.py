@@ -26,6 +26,7 @@ from typing import Optional
 import ray
 
 from corral.core.pool import PoolCore
+from corral.core.stats import LatencyWindow
 from corral.drivers import ContainerSpec, make_driver
 from corral.errors import CapacityError, CorralError, DriverError, InvalidRequest
 from corral.models import ContainerModel, SandboxManagerEnvConfig, check_env, labels_for
@@ -47,7 +48,7 @@ class PoolActor:
     """See the module docstring. ``acquire``/``create`` are the hot paths."""
 
     def __init__(self, config: dict, sandbox_type: str, max_parallel_starts: int = 4,
-                 max_parallel_resets: int = 16) -> None:
+                 max_parallel_resets: int = 64) -> None:
         self.nice = set_priority(CONTROL_NICE)  # answers acquires and releases: ahead of the sandboxes
         self.config = SandboxManagerEnvConfig.model_validate(config)
         self.type = self.config.sandbox_type(sandbox_type)
@@ -55,7 +56,10 @@ class PoolActor:
         self.core = PoolCore(self.type.name, self.config.pool_target(self.type.name))
         self._starts = asyncio.Semaphore(max_parallel_starts)
         # A reset (a kernel forked from the box's fork server) costs a tenth of a start: more at once.
+        # A burst of releases (an RL step's batch ending) must not queue here: a reset waiting its
+        # turn is a warm sandbox the next acquire does not find; the boxes share the CPU anyway.
         self._resets = asyncio.Semaphore(max_parallel_resets)
+        self.reset_ms = LatencyWindow()  # reset asked to reset done (WARM again), of the last successful resets
         self._boot_task: Optional[asyncio.Task] = None
         self._ticker: Optional[Ticker] = None
         self._health_due = 0.0
@@ -223,9 +227,12 @@ class PoolActor:
                 logger.warning("upload of %s to %s failed: %s", name, rec.storage_path, e)
         if action == "reset":
             self.core.resetting += 1
+            t0 = time.perf_counter()
             try:
                 async with self._resets:
                     ok = await self._reset(rec)
+                if ok:
+                    self.reset_ms.add((time.perf_counter() - t0) * 1000)
                 back = await self.registry.reset_done.remote(name, ok)
             finally:
                 self.core.resetting -= 1
@@ -249,8 +256,9 @@ class PoolActor:
         return len(items)
 
     async def _warm_up(self, url: Optional[str], token: str) -> None:
-        """A sandbox is warm once its kernel has run a cell: the box answers health before its
-        kernel is up, and an acquirer's first cell (or env) must not wait for the kernel to boot."""
+        """A new sandbox is warm once its kernel has run a cell: the box answers health before its
+        kernel is up, and a first start (an interpreter and its imports) is where a broken image or
+        environment shows. A reset sandbox does not wait for this (see :meth:`_reset`)."""
         from corral.client import AsyncBoxClient
 
         if not url or not url.startswith("http"):
@@ -268,7 +276,11 @@ class PoolActor:
         try:
             async with AsyncBoxClient(rec.url, rec.runtime_token, http_client=self._http) as box:
                 await box.reset(restart_kernel=self.type.kernel_reset == "restart")
-            await self._warm_up(rec.url, rec.runtime_token)
+            # Clean is enough to be WARM again: the old session's processes are dead and its files
+            # gone, and the new kernel, forked from the box's fork server after that, boots while
+            # the sandbox waits in the pool or while its next session starts (its first cell waits
+            # for the boot; a failed boot is retried by that cell). Waiting for the boot here kept
+            # a burst of resets out of the pool for seconds on a busy node.
             return True
         except Exception as e:
             logger.warning("reset of %s failed, destroying it: %s", rec.container_name, e)
@@ -402,4 +414,5 @@ class PoolActor:
     async def stats(self) -> dict:
         await self._ready()
         return {**self.core.stats(), "started_total": self.started_total, "failed_total": self.failed_total,
-                "dropped_unhealthy": self.dropped_total, "tick_errors": self._ticker.errors, "nice": self.nice}
+                "dropped_unhealthy": self.dropped_total, "tick_errors": self._ticker.errors, "nice": self.nice,
+                "pid": os.getpid(), "reset_ms": self.reset_ms.summary()}

@@ -36,6 +36,7 @@ import ray
 import shortuuid
 
 from corral.core.registry import RegistryCore, Teardown
+from corral.core.stats import LatencyWindow
 from corral.errors import CapacityError, CorralError, InvalidRequest
 from corral.models import LABEL_MANAGED, LABEL_REGISTRY, ContainerState, SandboxManagerEnvConfig
 from corral.store import JsonlRecordStore
@@ -50,7 +51,7 @@ S = ContainerState
 COMPACT_EVERY = 5000  # log lines between snapshots
 SPARE_TRIM_AFTER = 60.0
 MAX_SPAWNING = 4  # session actors being started at once
-SPARE_QUIET = 2.0  # seconds without a claim before spares are topped up
+SPARE_QUIET = 10.0  # seconds without a claim or a release before spares are topped up
 ATTACH_DELAY = 0.02  # seconds a claim's session actor update waits, so a burst's updates go out after its answers
 AFTER_ANSWER = 0.003  # seconds messages caused by an answer (pool counts, teardowns) wait: each send costs ~1 ms here
 
@@ -87,13 +88,14 @@ class RegistryActor:
         self._spares: list[Any] = []
         self._spawning = 0
         self._spare_surplus_since: Optional[float] = None
-        self._last_claim = 0.0
+        self._last_turnover = 0.0
         self._commit_lock = asyncio.Lock()
         self._pools: dict[str, Any] = {}
         self._driver = None
         self._ticker: Optional[Ticker] = None
         self._reconcile_due = 0.0
         self.metrics = registry_metrics()
+        self.acquire_ms = LatencyWindow()  # inside this actor: the call's start to its answer (waits included)
         self.started_at = time.time()
 
     # -- boot ------------------------------------------------------------------
@@ -229,8 +231,10 @@ class RegistryActor:
             while len(self._spares) > self.config.spare_sessions:
                 ray.kill(self._spares.pop(0), no_restart=True)
             self._spare_surplus_since = None
-        if time.monotonic() - self._last_claim < SPARE_QUIET:
-            return  # a burst of claims is on: new processes now would slow it, and its actors come back
+        if time.monotonic() - self._last_turnover < SPARE_QUIET:
+            # sessions are coming and going (an RL loop): new processes now would slow it, and each
+            # release gives its actor back, so the actors the loop needs already exist
+            return
         want = self.config.spare_sessions - len(self._spares) - self._spawning
         # a few at a time: each is a Python process that takes about a second of CPU to start
         want = min(want, MAX_SPAWNING - self._spawning)
@@ -529,7 +533,7 @@ class RegistryActor:
                 waits.append((i, self._wait_warm(t, sid, meta, timeout)))
         if claimed:
             self._claimed[t] = self._claimed.get(t, 0) + len(claimed)
-            self._last_claim = time.monotonic()
+            self._last_turnover = time.monotonic()
             await self._commit()
             self._queue_attach(claimed)
         else:
@@ -550,6 +554,7 @@ class RegistryActor:
 
     def _observe_acquires(self, sandbox_type: str, ms: float, n: int) -> None:
         self.metrics.claims.inc(n)
+        self.acquire_ms.add(ms, n)
         for _ in range(n):
             self.metrics.acquire_ms.observe(ms, tags={"sandbox_type": sandbox_type})
 
@@ -588,7 +593,7 @@ class RegistryActor:
                 continue
             rec = self.core.claim(self.core.next_warm(t), sid, meta)
             self._claimed[t] = self._claimed.get(t, 0) + 1
-            self._last_claim = time.monotonic()
+            self._last_turnover = time.monotonic()
             fut.set_result(rec)
 
     def _fail_waiters(self, message: str) -> None:
@@ -602,7 +607,7 @@ class RegistryActor:
         """Bind one named WARM container to a session (an acquire picks the container itself)."""
         await self._ready()
         rec = self.core.claim(name, session_ctx_id, meta)
-        self._last_claim = time.monotonic()
+        self._last_turnover = time.monotonic()
         await self._commit()
         self._queue_attach([rec])
         self.metrics.claims.inc()
@@ -658,6 +663,7 @@ class RegistryActor:
             after.append((td, sid, rec.container_name))
         await self._commit()
         if after:
+            self._last_turnover = time.monotonic()
             fire(self._after_release(after), "teardown after release")
         return out
 
@@ -809,6 +815,7 @@ class RegistryActor:
             "tick_errors": self._ticker.errors if self._ticker else 0,
             "started_at": self.started_at,
             "nice": self.nice,
+            "acquire_ms": self.acquire_ms.summary(),
         }
 
     async def cleanup(self) -> list[str]:

@@ -41,8 +41,10 @@ class SessionActor:
 
     def __init__(self, config: dict) -> None:
         # Nothing a session actor does is urgent (its clock runs in seconds); on a loaded node
-        # the registry and the pools, which answer acquires and releases, go first.
-        set_priority(increment=SESSION_NICE_INCREMENT)
+        # the registry and the pools, which answer acquires and releases, go first. Ray wakes
+        # every worker's main thread 100 times a second (its signal check): under SCHED_IDLE
+        # those wake-ups never make a control-plane thread wait.
+        set_priority(increment=SESSION_NICE_INCREMENT, idle=True)
         self.config = SandboxManagerEnvConfig.model_validate(config)
         self.core: Optional[SessionCore] = None
         self.sessions_served = 0

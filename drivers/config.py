@@ -21,7 +21,13 @@ class ProcessDriverConfig(BaseModel):
     type: Literal["process"] = "process"
     root: str = Field(".corral/process", description="Where per-sandbox metadata, logs and temp dirs live.")
     python: Optional[str] = Field(None, description="Interpreter that runs the box; None = this one.")
-    nice: int = Field(5, ge=0, le=19, description="CPU niceness of the boxes: sandboxed work yields to corral's actors.")
+    nice: int = Field(19, ge=0, le=19, description=(
+        "CPU niceness the boxes run at (never below the process starting them): sandboxed work yields "
+        "to corral's actors on a busy node."))
+    cpu_policy: Literal["idle", "normal"] = Field("idle", description=(
+        "Linux scheduling policy of the boxes and everything they start: 'idle' (SCHED_IDLE) lets any "
+        "normal process, corral's actors and the caller's own, preempt a sandbox the moment it wakes; "
+        "'normal' leaves them SCHED_OTHER at their niceness."))
 
 
 class DockerDriverConfig(BaseModel):
@@ -35,6 +41,9 @@ class DockerDriverConfig(BaseModel):
     read_only_root: bool = Field(True, description="Read-only root filesystem; /tmp and the home dir on tmpfs.")
     tmpfs_size: str = Field("256m", description="Size of each tmpfs.")
     drop_capabilities: bool = Field(True, description="cap_drop ALL and no-new-privileges.")
+    cpu_shares: Optional[int] = Field(16, ge=2, le=262144, description=(
+        "CPU weight of each container under contention (Docker's default is 1024, as heavy as corral's "
+        "actors together): sandboxed work yields to the control plane on a busy node. None: Docker's default."))
 
 
 class FakeDriverConfig(BaseModel):

@@ -26,6 +26,11 @@ How a container is made (:meth:`DockerDriver.create`):
   filesystem with a tmpfs on ``/tmp`` (mode 1777, ``config.tmpfs_size``; the
   image points HOME and Jupyter's directories there);
 - limits: ``cpus`` -> NanoCpus, ``memory`` -> Memory, ``pids_limit``;
+- CPU weight: ``config.cpu_shares`` (16 by default, Docker's is 1024). A
+  container is one scheduling entity as heavy as a whole process group at
+  nice 0: 32 busy sandboxes at Docker's default would leave corral's actors a
+  thirty-third of the CPU on a saturated node. The weight only counts under
+  contention: an otherwise idle CPU still goes to the sandboxes;
 - ready when ``GET /v1/healthz`` answers 200 to the token, polled every 20 ms
   up to ``spec.ready_timeout``. On any failure (or cancellation) the container
   is removed and :class:`corral.DriverError` carries its last log lines.
@@ -279,6 +284,7 @@ class DockerDriver(Driver):
             nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
             mem_limit=spec.memory,
             pids_limit=spec.pids_limit,
+            cpu_shares=cfg.cpu_shares,
             read_only=cfg.read_only_root,
         )
         if cfg.read_only_root:

@@ -46,16 +46,23 @@ _READY_POLL = 0.01
 _TOMBSTONE = "removing"
 _LAUNCH_GRACE = 5.0  # seconds remove() waits for an in-flight launch to record its pid
 
-# Starts the box in a new session and prints its pid, then exits: the box is
-# reparented away from the caller (Ray kills an actor's children when the actor
-# exits; a sandbox must outlive it), and the driver knows the pid at once, so a
-# create that times out or is cancelled while the box boots can still kill it.
+# Starts the box in a process group of its own and prints its pid, then exits: the box is
+# reparented away from the caller (Ray kills an actor's children when the actor exits; a
+# sandbox must outlive it), and the driver knows the pid at once, so a create that times out
+# or is cancelled while the box boots can still kill it.
 # The box runs at a lower CPU priority (nice) than corral's actors: a sandbox's work must not
 # starve the control plane that hands sandboxes out (a container gets CPU shares the same way).
+# It stays in the caller's session (no setsid): a session of its own would be a scheduling
+# autogroup of its own, where niceness no longer ranks it below the actors (corral/box/groups.py).
 _LAUNCHER = (
     "import os, subprocess, sys\n"
-    "p = subprocess.Popen(sys.argv[2:], start_new_session=True, stdin=subprocess.DEVNULL,"
-    " stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(), preexec_fn=lambda: os.nice(int(sys.argv[1])))\n"
+    "def lower():\n"
+    "    os.setpgid(0, 0)\n"
+    "    os.setpriority(os.PRIO_PROCESS, 0, max(int(sys.argv[1]), os.getpriority(os.PRIO_PROCESS, 0)))\n"
+    "    if sys.argv[2] == 'idle':\n"
+    "        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+    "p = subprocess.Popen(sys.argv[3:], stdin=subprocess.DEVNULL,"
+    " stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(), preexec_fn=lower)\n"
     "print(p.pid, flush=True)\n"
 )
 
@@ -193,7 +200,7 @@ class ProcessDriver(Driver):
         }
         port = meta.get("port") or 0
         cmd = [
-            self.python, "-c", _LAUNCHER, str(self.config.nice), self.python, "-m", "corral.box",
+            self.python, "-c", _LAUNCHER, str(self.config.nice), self.config.cpu_policy, self.python, "-m", "corral.box",
             "--host", "127.0.0.1", "--port", str(port),
             "--workspace", meta["workspace"], "--ready-file", str(ready),
         ]

@@ -131,6 +131,7 @@ class Samples:
         self.acquire_cold: list[bool] = []  # per acquire: the sandbox was created after the acquire began
         self.acquire_ep: list[int] = []  # per acquire: the episode index (0: the first wave)
         self.tool: list[float] = []
+        self.first_python: list[float] = []  # an episode's first Python call (a reset kernel may still boot)
         self.release: list[float] = []
         self.errors: list[str] = []
         self.episodes = 0
@@ -146,6 +147,7 @@ class Samples:
             "acquire_ms": summary(acquire),
             "tool_ms": summary(self.tool),
             "release_ms": summary(self.release),
+            "first_python_ms": summary(self.first_python),
             "acquire_ms_p50_by_episode": [pct([a for a, e in zip(self.acquire, self.acquire_ep) if e == i], 50)
                                           for i in range(max(self.acquire_ep, default=-1) + 1)],
             "episodes": self.episodes,
@@ -260,6 +262,8 @@ async def _corral_episode(m, p: BenchParams, wid: int, ep: int, s: Samples) -> N
             else:
                 r = await sb.python(arg)
                 s.tool.append((time.perf_counter() - t0) * 1000)
+                if k == 1:
+                    s.first_python.append(s.tool[-1])
                 acc += k
                 if r.status != "ok" or r.text != str(acc):
                     ok = False

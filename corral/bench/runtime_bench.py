@@ -27,19 +27,9 @@ import time
 import uuid
 from typing import Optional
 
+from corral.core.stats import pct, summary
+
 __all__ = ["run_mode", "main", "pct"]
-
-
-def pct(xs: list[float], p: float) -> Optional[float]:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = min(len(xs) - 1, max(0, int(round(p / 100 * (len(xs) - 1)))))
-    return round(xs[k], 2)
-
-
-def summary(xs: list[float]) -> dict:
-    return {"p50": pct(xs, 50), "p95": pct(xs, 95), "p99": pct(xs, 99), "n": len(xs)}
 
 
 def _uss(pid: int) -> Optional[int]:

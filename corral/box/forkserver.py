@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .groups import own_group
+
 __all__ = ["ForkServer", "ForkServerError", "ProcessHandle", "KERNEL_MAIN"]
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def _running(pid: int) -> bool:
 
 
 class ProcessHandle:
-    """One process the box started: its pid, its process group (the process's own session), its death."""
+    """One process the box started: its pid, its process group (it leads its own), its death."""
 
     def __init__(self, pid: int, popen: Optional[subprocess.Popen] = None) -> None:
         self.pid = pid
@@ -84,7 +86,7 @@ class ProcessHandle:
             env={**env, "JPY_PARENT_PID": str(os.getpid())},  # ipykernel exits when the box does
             cwd=cwd,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            **own_group(),
         )
         return cls(popen.pid, popen)
 
@@ -184,7 +186,7 @@ class ForkServer:
                 env=env,
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a terminal's Ctrl-C aimed at the box does not reach it
+                **own_group(),  # a terminal's Ctrl-C aimed at the box does not reach it
             )
         except OSError as exc:
             box_end.close()

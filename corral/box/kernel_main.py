@@ -180,13 +180,14 @@ def _set_dumpable(on: bool) -> None:
 
 
 def _become_kernel(cwd: str, env: dict[str, str]) -> None:
-    """In a freshly forked child: leave the server's session, signals and state for the kernel's own."""
+    """In a freshly forked child: leave the server's process group, signals and state for the kernel's own."""
     import signal
     import time
 
-    # Its own session and process group, as jupyter_client's launcher gives a kernel: interrupts
-    # and kills aimed at the group hit the kernel and what it starts, never the server.
-    os.setsid()
+    # Its own process group: interrupts and kills aimed at the group hit the kernel and what it
+    # starts, never the server. Not its own session: that would make it a scheduling autogroup
+    # of its own, weighing as much as corral's actors whatever its niceness (see groups.py).
+    os.setpgid(0, 0)
     _set_dumpable(True)  # the kernel is the session's own process, like a spawned one
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional
 
+from .groups import own_group
+
 __all__ = ["ShellRunner", "ShellRequest", "ShellOutcome"]
 
 _READ_SIZE = 1 << 16
@@ -172,9 +174,9 @@ class ShellRunner:
             stderr=asyncio.subprocess.PIPE,
             cwd=req.cwd or self._default_cwd,
             env=env,
-            start_new_session=True,  # its own group, so a timeout can kill the whole tree
+            **own_group(),  # its own group, so a timeout can kill the whole tree
         )
-        # With start_new_session the child's pid is its process group id.
+        # The child leads its group: its pid is the group's id.
         self._groups.add(proc.pid)
         if req.stdin is not None:
             # Held in a set: the loop keeps only weak references to tasks.

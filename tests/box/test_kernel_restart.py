@@ -60,8 +60,10 @@ async def test_a_restart_is_a_new_process_forked_with_nothing_of_the_old(api) ->
     assert ppid == server and zygote(api.rt) == server  # the same fork server made it
     assert (has_x, has_colorsys) == (False, False)
     assert await gone(old[0])
-    # Its own session and process group, like a spawned kernel: signals to the group spare the server.
-    assert os.getsid(pid) == pid and os.getpgid(pid) == pid and os.getpgid(server) != pid
+    # Its own process group, like a spawned kernel: signals to the group spare the server. The
+    # box's session (no session of its own): one scheduling autogroup with the box (groups.py).
+    assert os.getpgid(pid) == pid and os.getpgid(server) != pid
+    assert os.getsid(pid) == os.getsid(server) == os.getsid(0)
 
 
 async def test_interrupt_stops_a_busy_loop_and_keeps_the_kernel(api) -> None:

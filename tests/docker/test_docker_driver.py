@@ -41,6 +41,7 @@ async def test_container_settings_visible_in_docker_inspect(tracker, docker_clie
     )
     attrs = docker_client.api.inspect_container(h.container_id)
     hc = attrs["HostConfig"]
+    assert hc["CpuShares"] == 16  # sandboxes yield the CPU to corral's actors under contention
 
     assert attrs["Config"]["Labels"]["corral.managed"] == "true"
     assert attrs["Config"]["Labels"]["corral.sandbox_type"] == "inspect"

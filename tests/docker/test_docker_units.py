@@ -35,6 +35,8 @@ def test_run_kwargs_carry_security_and_token_wins():
     assert kw["labels"] == {"corral.managed": "true", "x": "y"}
     assert hc["port_bindings"] == {8000: ("127.0.0.1", None)}
     assert hc["nano_cpus"] == 1_500_000_000 and hc["pids_limit"] == 10
+    assert hc["cpu_shares"] == 16
+    assert DockerDriver(DockerDriverConfig(cpu_shares=None))._run_kwargs(spec)["host_config"]["cpu_shares"] is None
     assert hc["cap_drop"] == ["ALL"] and hc["security_opt"] == ["no-new-privileges"]
     assert hc["tmpfs"]["/tmp"] == "rw,exec,nosuid,nodev,size=64m,mode=1777"
     # No host workspace: a scratch one in memory, owned by the box's user.

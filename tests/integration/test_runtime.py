@@ -8,6 +8,7 @@ and ``make_manager`` removes them and every box at teardown.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -251,6 +252,9 @@ def test_reuse_resets_the_sandbox_between_sessions(make_manager, kernel_reset):
     assert sb2.python("'leak' in dir()").text == "False"
     for s in got:
         s.release()
+    st = m.status()  # how long resets and acquires take now, next to the Ray histograms
+    assert st["pools"]["base"]["reset_ms"]["total"] >= 1 and st["pools"]["base"]["reset_ms"]["p50"] > 0
+    assert st["acquire_ms"]["total"] >= 3 and st["acquire_ms"]["p50"] is not None
 
 
 def test_a_session_whose_actor_dies_is_still_reaped(make_manager):
@@ -347,3 +351,15 @@ def test_sandboxes_and_session_actors_yield_the_cpu_to_the_control_plane(make_ma
         assert sessions
         for pid in [box_pid, kernel_pid, *sessions]:  # lower priority than the registry, or the floor
             assert psutil.Process(pid).nice() > control or psutil.Process(pid).nice() == 19
+            # SCHED_IDLE: a control-plane thread that wakes never waits behind them
+            assert os.sched_getscheduler(pid) == os.SCHED_IDLE, pid
+        assert os.sched_getscheduler(pool_pid := st["pools"]["base"]["pid"]) == os.SCHED_OTHER
+        # No session of their own: the box, its kernel and a shell command stay in the session of the
+        # pool that started the box, so one scheduling autogroup holds them all and niceness ranks
+        # them below the actors (a session each would be an autogroup each, weighing as much as
+        # the whole control plane on kernels with sched_autogroup_enabled).
+        shell_sid = int(sb.shell("cut -d' ' -f6 /proc/$$/stat").stdout)  # the shell's own session id
+        assert {os.getsid(box_pid), os.getsid(kernel_pid), shell_sid} == {os.getsid(pool_pid)}
+        if os.path.exists(f"/proc/{box_pid}/autogroup"):
+            groups = {open(f"/proc/{p}/autogroup").read().split()[0] for p in (box_pid, kernel_pid, pool_pid)}
+            assert len(groups) == 1, groups
