@@ -25,6 +25,7 @@ from typing import Optional
 
 import ray
 
+from corral.client._http import tls_context
 from corral.core.pool import PoolCore
 from corral.core.stats import LatencyWindow
 from corral.drivers import ContainerSpec, make_driver
@@ -86,7 +87,8 @@ class PoolActor:
 
         self.driver = make_driver(self.config.driver_config())
         self.registry = ray.get_actor(REGISTRY_NAME, namespace=self.ns)
-        self._http = httpx.AsyncClient(timeout=5.0, trust_env=False, limits=httpx.Limits(keepalive_expiry=30.0))
+        self._http = httpx.AsyncClient(timeout=5.0, trust_env=False, verify=tls_context(),
+                                       limits=httpx.Limits(keepalive_expiry=30.0))
         for r in await self.registry.records.remote(self.type.name, ["RESETTING"]):
             # a reset cut off by our restart: we cannot know it finished, so the container goes
             rec = ContainerModel.model_validate(r)

@@ -25,6 +25,7 @@ from typing import Optional
 
 import ray
 
+from corral.client._http import tls_context
 from corral.core.session import REAP, SessionCore
 from corral.models import SandboxManagerEnvConfig
 
@@ -56,7 +57,7 @@ class SessionActor:
         if self._ticker is None:
             import httpx
 
-            self._http = httpx.AsyncClient(timeout=2.0)
+            self._http = httpx.AsyncClient(timeout=2.0, trust_env=False, verify=tls_context())
             interval = self.config.watcher_scan_interval or 1.0
             self._ticker = Ticker("session-tick", interval, self._tick)
             self._ticker.start()

@@ -61,6 +61,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import httpx
 
+from corral.client._http import tls_context
 from corral.errors import Conflict, CorralError, DriverError, InvalidRequest, NotFound
 from corral.models import LABEL_MANAGED
 
@@ -379,7 +380,7 @@ class DockerDriver(Driver):
         next_alive_check = time.monotonic() + _ALIVE_CHECK
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # trust_env=False: a proxy from the environment must never see 127.0.0.1 traffic.
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False, verify=tls_context()) as http:
             while True:
                 try:
                     r = await http.get(f"{url}/v1/healthz", headers=headers)

@@ -35,6 +35,7 @@ from typing import Optional
 import httpx
 import psutil
 
+from corral.client._http import tls_context
 from corral.errors import Conflict, DriverError, InvalidRequest
 
 from .base import ContainerHandle, ContainerSpec, Driver
@@ -169,7 +170,7 @@ class ProcessDriver(Driver):
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=2.0)
+            self._http = httpx.AsyncClient(timeout=2.0, trust_env=False, verify=tls_context())
         return self._http
 
     def _log_tail(self, name: str, lines: int = 20) -> str:

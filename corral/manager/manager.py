@@ -18,6 +18,7 @@ import functools
 import logging
 from typing import Any, Optional, Union
 
+from corral.client._http import preload_transport
 from corral.errors import InvalidRequest
 from corral.models import SandboxManagerEnvConfig, SandboxTypeConfig
 
@@ -87,6 +88,7 @@ class SandboxManager:
         self.config = self.cluster.config
         self._owned: set = set()
         self._ops = Ops(self.cluster, self._owned)
+        preload_transport()  # now, not on the first tool call of an async caller's first wave
         self._aops: dict[int, AsyncOps] = {}
 
     def _async_ops(self) -> AsyncOps:

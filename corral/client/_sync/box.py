@@ -26,6 +26,7 @@ from .._errors import (
     redact_url,
     transport_errors,
 )
+from .._http import tls_context
 from ..results import (
     Activity,
     Entry,
@@ -112,6 +113,7 @@ class BoxClient:
             http_client = httpx.Client(
                 timeout=self._timeout,
                 trust_env=False,
+                verify=tls_context(),
                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=30.0),
             )
         self._http = http_client

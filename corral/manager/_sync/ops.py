@@ -26,6 +26,7 @@ import shortuuid
 
 from corral.client import BoxClient
 from corral.client._errors import error_from_response, transport_errors
+from corral.client._http import tls_context
 from corral.errors import InvalidRequest, SandboxGone
 from corral.models import SESSION_ID_ALPHABET, check_env
 
@@ -65,7 +66,7 @@ class Ops:
         self.config = cluster.config
         self.owned = owned if owned is not None else set()  # names this manager created and has not released
         self._http = httpx.Client(
-            trust_env=False, timeout=30.0,
+            trust_env=False, timeout=30.0, verify=tls_context(),
             # idle connections dropped before the box drops them (it keeps them 75 s)
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=30.0),
         )
