@@ -22,8 +22,8 @@ one Ray cluster, each corral system in its own namespace torn down with
   ``reuse=True`` a released sandbox would go back to the pool and the next
   acquire would be warm; the run checks the pool started one sandbox per episode);
 - ``direct``: the lower bound of a tool call: the same W x E x K calls with
-  the same think time, as bare httpx requests (one shared client, the same
-  connection limits as corral's) to already running boxes, one per worker
+  the same think time, as bare httpx requests (a client per box, as corral's
+  handles have) to already running boxes, one per worker
   (taken from the ``corral`` pool before its namespace goes down), with no
   acquire or release: only ``tool_ms``;
 - with ``--driver docker``, ``docker_bare``: the lower bound of container
@@ -64,7 +64,7 @@ SYSTEMS = ("corral", "corral_destroy", "cold", "direct", "docker_bare")
 CORRAL_SYSTEMS = ("corral", "corral_destroy", "cold")
 QUICK = {"workers": 4, "episodes": 2, "calls": 4}
 DEFAULT = {"workers": 32, "episodes": 3, "calls": 8}
-#: Connection limits of the shared httpx client, the same as corral's AsyncOps uses.
+#: Connection limits of the direct system's httpx clients (one per box).
 HTTP_LIMITS = {"max_connections": 256, "max_keepalive_connections": 64, "keepalive_expiry": 30.0}
 
 
@@ -283,10 +283,11 @@ async def _corral_episode(m, p: BenchParams, wid: int, ep: int, s: Samples) -> N
         s.episodes += 1
 
 
-async def _direct_episode(http, boxes: list[tuple[str, str]], p: BenchParams, carry: list[int],
+async def _direct_episode(clients: list, boxes: list[tuple[str, str]], p: BenchParams, carry: list[int],
                           wid: int, ep: int, s: Samples) -> None:
     """The same tool calls as a corral episode, as bare HTTP requests to worker ``wid``'s running box."""
     url, token = boxes[wid]
+    http = clients[wid]
     hdr = {"Authorization": f"Bearer {token}"}
     think = p.think_ms / 1000
     try:
@@ -403,9 +404,17 @@ async def _quiet_phase(m, p: BenchParams, with_direct: bool) -> dict:
             boxes = [(sb.url.rstrip("/"), sb.record["runtime_token"]) for sb in sbs]
             carry = [0] * p.workers
             s = Samples()
-            async with httpx.AsyncClient(trust_env=False, timeout=60.0, limits=httpx.Limits(**HTTP_LIMITS)) as http:
+            # a client (connection pool) per box, as corral's handles have: httpx polls each idle
+            # connection of a pool on every request, so one pool for all boxes is slower
+            clients = [httpx.AsyncClient(trust_env=False, timeout=60.0, limits=httpx.Limits(**HTTP_LIMITS))
+                       for _ in boxes]
+            try:
                 # the boxes were reset (kernel restarted) before they went back to the pool: start from 0
-                wall = await _workers(p, "direct", lambda w, e, s_: _direct_episode(http, boxes, p, carry, w, e, s_), s)
+                wall = await _workers(p, "direct",
+                                      lambda w, e, s_: _direct_episode(clients, boxes, p, carry, w, e, s_), s)
+            finally:
+                for c in clients:
+                    await c.aclose()
             r = s.result(wall)
             res["direct"] = {"tool_ms": r["tool_ms"], "errors": r["errors"], "first_errors": r["first_errors"],
                              "boxes": len(boxes), "wall_s": r["wall_s"]}

@@ -106,16 +106,22 @@ class AsyncBoxClient:
         self._auth = {"Authorization": f"Bearer {token}"}
         self._owns_http = http_client is None
         self._closed = False
-        if http_client is None:
+        # Made on the first request when it is this client's own: an acquire hands out a handle
+        # without paying for connections it has not used yet.
+        self._http_client: Optional[httpx.AsyncClient] = http_client
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        if self._http_client is None:
             # trust_env=False: a box is reached directly; an HTTP_PROXY meant for
             # the internet must not capture calls to 127.0.0.1 or the pod network.
-            http_client = httpx.AsyncClient(
+            self._http_client = httpx.AsyncClient(
                 timeout=self._timeout,
                 trust_env=False,
                 verify=tls_context(),
                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=30.0),
             )
-        self._http = http_client
+        return self._http_client
 
     # --- lifecycle ---
 
@@ -137,8 +143,8 @@ class AsyncBoxClient:
         if self._closed:
             return
         self._closed = True
-        if self._owns_http:
-            await self._http.aclose()
+        if self._owns_http and self._http_client is not None:
+            await self._http_client.aclose()
 
     # --- plumbing: every request goes through here ---
 
