@@ -94,7 +94,8 @@ class PoolActor:
             rec = ContainerModel.model_validate(r)
             await self.registry.reset_done.remote(rec.container_name, False)
             fire(self.driver.remove(rec.container_id), "remove half-reset container")
-        v = await self.registry.pool_view.remote(self.type.name)
+        # our own handle with it: the registry then never looks us up by name on its event loop
+        v = await self.registry.pool_view.remote(self.type.name, ray.get_runtime_context().current_actor)
         self.core.view(v["warm"], v["waiting"], v["claimed"], v["resetting"])
         self._ticker = Ticker(f"pool-{self.type.name}", 0.5, self._tick)
         self._ticker.start()

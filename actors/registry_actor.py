@@ -90,7 +90,9 @@ class RegistryActor:
         self._spare_surplus_since: Optional[float] = None
         self._last_turnover = 0.0
         self._commit_lock = asyncio.Lock()
-        self._pools: dict[str, Any] = {}
+        self._pools: dict[str, Any] = {}  # pool actor handles by type: given by each pool at boot, or looked up
+        self._pool_lookups: set[str] = set()
+        self._pool_missing: dict[str, float] = {}  # when a lookup last found no pool, by type
         self._driver = None
         self._ticker: Optional[Ticker] = None
         self._reconcile_due = 0.0
@@ -180,9 +182,11 @@ class RegistryActor:
                     continue
                 fire(pool.view.remote(*view), f"view of {t}")
 
-    async def pool_view(self, sandbox_type: str) -> dict:
-        """The counts a pool refills from (it asks at boot; afterwards they are pushed)."""
+    async def pool_view(self, sandbox_type: str, pool: Any = None) -> dict:
+        """The counts a pool refills from (it asks at boot, with its own handle; afterwards they are pushed)."""
         await self._ready()
+        if pool is not None:
+            self._pools[self.config.sandbox_type(sandbox_type).name] = pool
         warm, waiting, claimed, resetting = self._view(sandbox_type)
         return {"warm": warm, "waiting": waiting, "claimed": claimed, "resetting": resetting}
 
@@ -690,7 +694,7 @@ class RegistryActor:
         batches, self._teardowns = self._teardowns, {}
         for t, tds in batches.items():
             items = [(td.record.model_dump(mode="json"), td.action, td.upload) for td in tds]
-            fire(self._pool(t).teardown_many.remote(items), f"{len(items)} teardowns of {t}")
+            fire((await self._pool_async(t)).teardown_many.remote(items), f"{len(items)} teardowns of {t}")
 
     async def reset_done(self, name: str, ok: bool) -> Optional[dict]:
         await self._ready()
@@ -703,12 +707,37 @@ class RegistryActor:
         return rec.model_dump(mode="json") if rec is not None else None
 
     def _pool(self, sandbox_type: Optional[str]):
+        """The type's pool actor, from what is known now. Unknown: ValueError, and a lookup by name
+        starts in the background (a GCS call: never on this event loop), which sends the pool its
+        counts once it is found."""
         t = sandbox_type or self.config.default_type
         h = self._pools.get(t)
         if h is None:
-            h = ray.get_actor(pool_name(t), namespace=self.ns)
+            if t not in self._pool_lookups and time.monotonic() - self._pool_missing.get(t, -1e9) > 1.0:
+                self._pool_lookups.add(t)
+                fire(self._look_up_pool(t), f"look up pool {t}")
+            raise ValueError(f"the pool of {t!r} is not known yet")
+        return h
+
+    async def _pool_async(self, sandbox_type: Optional[str]):
+        """The type's pool actor, looked up by name off the event loop if needed (ValueError: none)."""
+        t = sandbox_type or self.config.default_type
+        h = self._pools.get(t)
+        if h is None:
+            h = await asyncio.to_thread(ray.get_actor, pool_name(t), namespace=self.ns)
             self._pools[t] = h
         return h
+
+    async def _look_up_pool(self, t: str) -> None:
+        try:
+            await self._pool_async(t)
+        except ValueError:  # not running (yet): a use a second from now looks again
+            self._pool_missing[t] = time.monotonic()
+            return
+        finally:
+            self._pool_lookups.discard(t)
+        self._views_sent.pop(t, None)
+        self._views_soon()
 
     # -- reap / restore --------------------------------------------------------
 
@@ -748,7 +777,7 @@ class RegistryActor:
         olds = self.core.to_restore(session_ctx_id)
         new_names = []
         for old in olds:
-            pool = self._pool(old.sandbox_type)
+            pool = await self._pool_async(old.sandbox_type)
             new = await pool.create.remote(
                 session_ctx_id=session_ctx_id,
                 meta={k: v for k, v in (old.meta or {}).items() if k != "session_ctx_id"},
