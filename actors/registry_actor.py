@@ -194,15 +194,15 @@ class RegistryActor:
 
     async def _find_session_actors(self) -> None:
         """Rediscover session actors by name after a restart: bound ones serve their sessions, others are spares."""
-        try:
-            named = ray.util.list_named_actors(all_namespaces=True)
+        try:  # GCS calls: in a thread, never on the event loop
+            named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
         except Exception:  # the GCS may be briefly unavailable right after a restart
             named = []
         for entry in named:
             if entry.get("namespace") != self.ns or not entry.get("name", "").startswith(SESSION_PREFIX):
                 continue
             try:
-                h = ray.get_actor(entry["name"], namespace=self.ns)
+                h = await asyncio.to_thread(ray.get_actor, entry["name"], namespace=self.ns)
                 desc = await asyncio.wait_for(h.describe.remote(), 10)
             except Exception:
                 continue

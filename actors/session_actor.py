@@ -115,8 +115,10 @@ class SessionActor:
         if core.decide({b.name: a for b, a in zip(boxes, acts)}) == REAP:
             self._reaping = True
             logger.info("session %s idle %.1fs > %.1fs: reaping", core.session_ctx_id, core.idle_for(), core.timeout)
-            registry = ray.get_actor(REGISTRY_NAME, namespace=self.config.namespace)
             try:
+                # a GCS lookup: in a thread, not on this actor's event loop; a registry that is
+                # restarting (not found) is asked again next tick, like a failed reap
+                registry = await asyncio.to_thread(ray.get_actor, REGISTRY_NAME, namespace=self.config.namespace)
                 await registry.reap_session.remote(core.session_ctx_id, "heartbeat_timeout")
             except Exception as e:
                 self._reaping = False  # try again next tick
