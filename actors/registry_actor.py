@@ -552,8 +552,9 @@ class RegistryActor:
             if r is not None and not isinstance(r, CorralError):
                 out[i] = self.core.dump(r)
                 ok += 1
-        if ok:  # recorded after the answer has gone out
-            asyncio.get_running_loop().call_soon(self._observe_acquires, t, (time.perf_counter() - t0) * 1000, ok)
+        if ok:  # recorded after the answer has gone out (call_soon would run before Ray sends it)
+            asyncio.get_running_loop().call_later(
+                AFTER_ANSWER, self._observe_acquires, t, (time.perf_counter() - t0) * 1000, ok)
         return out
 
     def _observe_acquires(self, sandbox_type: str, ms: float, n: int) -> None:

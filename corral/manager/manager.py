@@ -89,15 +89,18 @@ class SandboxManager:
         self._owned: set = set()
         self._ops = Ops(self.cluster, self._owned)
         preload_transport()  # now, not on the first tool call of an async caller's first wave
-        self._aops: dict[int, AsyncOps] = {}
+        self._aops: dict[int, tuple[asyncio.AbstractEventLoop, AsyncOps]] = {}
 
     def _async_ops(self) -> AsyncOps:
-        # httpx.AsyncClient is bound to the event loop it first runs on: one per loop.
+        # httpx.AsyncClient is bound to the event loop it first runs on: one AsyncOps per loop.
+        # The entry holds its loop, so a closed loop's id cannot be handed to a new loop while
+        # the entry lives; entries of closed loops (asyncio.run per call) are dropped here.
         loop = asyncio.get_running_loop()
-        ops = self._aops.get(id(loop))
-        if ops is None:
-            ops = self._aops[id(loop)] = AsyncOps(self.cluster, self._owned)
-        return ops
+        entry = self._aops.get(id(loop))
+        if entry is None or entry[0] is not loop:
+            self._aops = {k: v for k, v in self._aops.items() if not v[0].is_closed()}
+            entry = self._aops[id(loop)] = (loop, AsyncOps(self.cluster, self._owned))
+        return entry[1]
 
     # -- context managers ----------------------------------------------------------
 

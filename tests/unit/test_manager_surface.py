@@ -64,3 +64,35 @@ def test_remote_mode_says_it_is_not_available():
 
     with pytest.raises(corral.InvalidRequest, match="remote mode"):
         SandboxManager(base_url="http://127.0.0.1:1")
+
+
+def test_session_ids_are_short_base36_and_unique():
+    import re
+
+    from corral.manager._async.ops import new_session_id
+
+    ids = {new_session_id() for _ in range(20000)}
+    assert len(ids) == 20000
+    assert all(re.fullmatch(r"s-[0-9a-z]{16}", i) for i in ids)
+
+
+def test_each_event_loop_gets_its_own_async_ops_and_closed_loops_are_forgotten():
+    import asyncio
+    import types
+
+    from corral import SandboxManagerEnvConfig
+
+    m = SandboxManager.__new__(SandboxManager)  # no cluster: only the per-loop bookkeeping runs
+    m.cluster = types.SimpleNamespace(config=SandboxManagerEnvConfig())
+    m._owned, m._aops = set(), {}
+
+    async def ops_twice():
+        a = m._async_ops()
+        assert m._async_ops() is a  # one per loop
+        await a.aclose()
+        return a
+
+    first = asyncio.run(ops_twice())
+    second = asyncio.run(ops_twice())
+    assert second is not first  # a new loop (even one given the old one's id) never gets the old clients
+    assert [ops for _, ops in m._aops.values()] == [second]  # the closed loop's entry is gone

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable, Optional
 
-__all__ = ["call", "gather", "sleep", "Batcher"]
+__all__ = ["call", "gather", "sleep", "later", "drain", "Batcher"]
 
 #: Most items one batch carries (a burst beyond it goes out as several calls).
 MAX_BATCH = 256
@@ -25,6 +25,22 @@ async def gather(refs: list) -> list:
 
 async def sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
+
+
+def later(tasks: set, work: Awaitable[Any]) -> None:
+    """Run ``work`` after the caller returns, as a task kept in ``tasks`` until it ends.
+
+    The sync side's ``later`` takes the result of work already done (an unasynced call runs
+    where it stands)."""
+    task = asyncio.ensure_future(work)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def drain(tasks: set) -> None:
+    """Wait for what :func:`later` started (errors were the work's own business: not raised)."""
+    while tasks:
+        await asyncio.gather(*list(tasks), return_exceptions=True)
 
 
 class Batcher:

@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 import ray
 
-__all__ = ["call", "gather", "sleep", "Batcher"]
+__all__ = ["call", "gather", "sleep", "later", "drain", "Batcher"]
 
 
 def call(ref: Any) -> Any:
@@ -21,6 +21,14 @@ def gather(refs: list) -> list:
 
 def sleep(seconds: float) -> None:
     time.sleep(seconds)
+
+
+def later(tasks: set, work: Any) -> None:
+    """The async side runs ``work`` after the caller returns; here it has already run."""
+
+
+def drain(tasks: set) -> None:
+    """Nothing runs later on the sync side."""
 
 
 class Batcher:
