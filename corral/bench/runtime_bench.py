@@ -181,6 +181,8 @@ def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = Fa
             wall = time.perf_counter() - t0
             # a second, quiet phase: live sessions for memory, one for direct-vs-handle latency
             sbs = [await m.acquire_async(timeout=600) for _ in range(min(workers, 8))]
+            for s in sbs:  # a live session has run code: its kernel is up (a reset hands it over booting)
+                await s.python("1")
             mem = await _measure_memory(m, [s.name for s in sbs])
             lat = await _direct_vs_handle(sbs[0])
             for s in sbs:

@@ -141,6 +141,18 @@ def test_release_by_session_id_unknown_and_twice():
     assert reg.release(rec.container_name) is None  # idempotent
 
 
+def test_a_teardown_keeps_the_record_as_it_was_when_released():
+    reg, _ = make_registry()
+    rec = start_one(reg, session="s1")
+    rec.meta["task"] = "t1"
+    td = reg.release(rec.container_name, reuse=True)
+    assert td.action == "reset" and td.record.state == S.RESETTING and td.record.meta == {"task": "t1"}
+    assert reg.reset_done(rec.container_name, ok=True).state == S.WARM  # the live record moves on
+    reg.claim(rec.container_name, "s2", {"task": "t2"})
+    assert td.record.state == S.RESETTING and td.record.meta == {"task": "t1"}  # the snapshot does not
+    assert td.record.session_ctx_id is None and td.record.ports == rec.ports and td.record.ports is not rec.ports
+
+
 def test_release_with_reuse_resets_then_returns_to_warm_or_releases():
     reg, _ = make_registry()
     a = start_one(reg, session="s1")
