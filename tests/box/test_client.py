@@ -286,3 +286,79 @@ def test_sync_client_sees_a_dead_box_as_unreachable(box_process) -> None:
         with pytest.raises(corral.SandboxUnreachable) as info:
             box.shell("true")
         assert info.value.retryable and TOKEN not in str(info.value)
+
+
+# --- the async client's own transport (aiohttp) against a real box process ---
+
+
+async def test_async_client_against_a_real_box_process_goes_through_its_fast_transport(box_process, tmp_path) -> None:
+    proc, url = box_process
+    async with AsyncBoxClient(url, TOKEN) as box:
+        assert box._fast is not None  # owns its connections, plain HTTP: the aiohttp transport
+        assert (await box.wait_ready(30)).ok
+        assert (await box.info()).pid == proc.pid
+        assert (await box.shell("echo $((6 * 7))")).check().stdout == "42\n"
+        failed = await box.shell("echo oops >&2; exit 3")
+        assert failed.exit_code == 3 and failed.stderr == "oops\n"
+        assert (await box.python("x = 6 * 7; x")).text == "42"
+        await box.write("a/b.txt", "content ü")  # JSON body
+        assert await box.read_text("a/b.txt") == "content ü"  # query params, text answer
+        assert await box.read_bytes("a/b.txt") == "content ü".encode()
+        assert await box.exists("a/b.txt") and not await box.exists("a/none.txt")
+        assert [e.name for e in await box.list("a")] == ["b.txt"]
+        blob = os.urandom(1 << 20)  # uploads and streams keep to httpx
+        (tmp_path / "up.bin").write_bytes(blob)
+        await box.upload(tmp_path / "up.bin", "up.bin")
+        await box.download("up.bin", tmp_path / "down.bin")
+        assert (tmp_path / "down.bin").read_bytes() == blob
+        with pytest.raises(corral.NotFound):
+            await box.read_text("no/such/file.txt")
+    async with AsyncBoxClient(url, "wrong-token") as wrong:
+        with pytest.raises(corral.Unauthorized):
+            await wrong.healthz()
+    with pytest.raises(corral.InvalidRequest, match="closed"):
+        await box.healthz()
+
+
+async def test_async_fast_transport_failures_are_sandbox_unreachable(tmp_path) -> None:
+    import asyncio
+    import socket
+
+    with socket.socket() as s:  # refused: nothing listens on a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with AsyncBoxClient(f"http://127.0.0.1:{port}", TOKEN, timeout=2) as box:
+        with pytest.raises(corral.SandboxUnreachable, match=f"GET http://127.0.0.1:{port}/v1/healthz: connection failed"):
+            await box.healthz()
+
+    async def silent(reader, writer):  # reads the request, never answers (until the client hangs up)
+        await reader.read(1 << 16)
+        while await reader.read(1 << 16):
+            pass
+        writer.close()
+
+    async def hangs_up(reader, writer):  # reads the request, closes without a word
+        await reader.read(1 << 16)
+        writer.close()
+
+    async def not_json(reader, writer):  # a proxy's page where the box should be
+        await reader.read(1 << 16)
+        body = b"<html>hello</html>"
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    for handler, error, message in (
+        (silent, corral.SandboxUnreachable, "no answer within the read timeout"),
+        (hangs_up, corral.SandboxUnreachable, "the connection broke mid-answer"),
+        (not_json, corral.SandboxError, "expected JSON, got text/html"),
+    ):
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with AsyncBoxClient(f"http://127.0.0.1:{port}", TOKEN, timeout=0.5) as box:
+                with pytest.raises(error, match=message) as info:
+                    await box.healthz()
+                assert TOKEN not in str(info.value)
+        finally:
+            server.close()

@@ -58,6 +58,34 @@ def test_acquire_use_release(make_manager):
     assert m.release(name) is True  # idempotent, unknown-safe
 
 
+def test_async_handles_across_event_loops_keep_their_session_and_leak_no_connection(make_manager, caplog):
+    import asyncio
+    import gc
+    import logging
+
+    m = make_manager(pool_size=1)
+    m.reserve(n=0, wait=True)
+
+    async def acquire_and_leave():  # the loop ends with the sandbox still held
+        sb = await m.acquire_async()
+        assert (await sb.shell("echo $((6 * 7))")).stdout == "42\n"
+        return sb.name, sb.session_ctx_id
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        name, sid = asyncio.run(acquire_and_leave())
+
+        async def use_again():  # another loop: its own connections, the same session
+            return (await m.acquire_async(session_ctx_id=sid)).name
+
+        asyncio.run(use_again())
+        gc.collect()
+    assert m.get_info(name)["state"] == "RUNNING" and name in m.get_session_mapping(sid)
+    leaks = [r.getMessage() for r in caplog.records if "Unclosed" in r.getMessage()]
+    assert not leaks  # the first loop's connections were closed at its shutdown
+    for n in m.get_session_mapping(sid):
+        m.release(n)
+
+
 def test_reference_operations_and_shapes(make_manager):
     m = make_manager(pool_size=0)
     name = m.create(meta={"session_ctx_id": "ref-1"})

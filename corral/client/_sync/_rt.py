@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["sleep"]
+__all__ = ["sleep", "FAST_HTTP", "FastHttp"]
+
+#: The sync client has no faster transport than httpx's: every request goes through it.
+FAST_HTTP = False
+FastHttp = None
 
 
 def sleep(seconds: float) -> None:

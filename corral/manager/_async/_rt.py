@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable, Optional
 
-__all__ = ["call", "gather", "sleep", "later", "drain", "Batcher"]
+__all__ = ["call", "gather", "sleep", "later", "drain", "on_loop_shutdown", "Batcher"]
 
 #: Most items one batch carries (a burst beyond it goes out as several calls).
 MAX_BATCH = 256
@@ -41,6 +41,21 @@ async def drain(tasks: set) -> None:
     """Wait for what :func:`later` started (errors were the work's own business: not raised)."""
     while tasks:
         await asyncio.gather(*list(tasks), return_exceptions=True)
+
+
+def on_loop_shutdown(close: Callable[[], Awaitable[Any]]) -> Optional[asyncio.Task]:
+    """Run ``close()`` when the running loop shuts down (``asyncio.run`` cancels what is left).
+
+    Connections must be closed on the loop they were opened on: once it has closed,
+    aiohttp can only report them as leaked. The returned task waits for that moment;
+    cancel it after closing by hand."""
+    async def guard() -> None:
+        try:
+            await asyncio.get_running_loop().create_future()  # never set: ends by cancellation
+        finally:
+            await close()
+
+    return asyncio.get_running_loop().create_task(guard(), name="corral: close connections at loop shutdown")
 
 
 class Batcher:

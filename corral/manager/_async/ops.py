@@ -84,11 +84,18 @@ class AsyncOps:
         self._boxes: dict[str, AsyncBoxClient] = {}
         self._retired: list[AsyncBoxClient] = []  # replaced (a box that moved), closed with the next release
         self._closing: set = set()  # closes of released sandboxes' clients still running
+        # sandboxes still held when the loop ends keep their sessions; their connections are closed
+        self._shutdown_guard = _rt.on_loop_shutdown(self._close_connections)
         # Concurrent acquires of one type, and concurrent releases, go to the registry as one call each.
         self._acquirers: dict[str, _rt.Batcher] = {}
         self._releaser = _rt.Batcher(self._send_releases)
 
     async def aclose(self) -> None:
+        if self._shutdown_guard is not None:
+            self._shutdown_guard.cancel()
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
         await _rt.drain(self._closing)
         boxes, self._boxes = list(self._boxes.values()) + self._retired, {}
         self._retired = []

@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 import ray
 
-__all__ = ["call", "gather", "sleep", "later", "drain", "Batcher"]
+__all__ = ["call", "gather", "sleep", "later", "drain", "on_loop_shutdown", "Batcher"]
 
 
 def call(ref: Any) -> Any:
@@ -29,6 +29,10 @@ def later(tasks: set, work: Any) -> None:
 
 def drain(tasks: set) -> None:
     """Nothing runs later on the sync side."""
+
+
+def on_loop_shutdown(close: Callable[[], Any]) -> None:
+    """No event loop on the sync side: the owner closes its connections itself."""
 
 
 class Batcher:

@@ -85,11 +85,18 @@ class Ops:
         self._boxes: dict[str, BoxClient] = {}
         self._retired: list[BoxClient] = []  # replaced (a box that moved), closed with the next release
         self._closing: set = set()  # closes of released sandboxes' clients still running
+        # sandboxes still held when the loop ends keep their sessions; their connections are closed
+        self._shutdown_guard = _rt.on_loop_shutdown(self._close_connections)
         # Concurrent acquires of one type, and concurrent releases, go to the registry as one call each.
         self._acquirers: dict[str, _rt.Batcher] = {}
         self._releaser = _rt.Batcher(self._send_releases)
 
     def close(self) -> None:
+        if self._shutdown_guard is not None:
+            self._shutdown_guard.cancel()
+        self._close_connections()
+
+    def _close_connections(self) -> None:
         _rt.drain(self._closing)
         boxes, self._boxes = list(self._boxes.values()) + self._retired, {}
         self._retired = []
