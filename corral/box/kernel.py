@@ -116,8 +116,13 @@ class Kernel:
             raise SandboxError("the box is shutting down; its kernel is closed")
         if self._starting is None:
             self._starting = asyncio.ensure_future(self._start())
+        starting = self._starting
         try:
-            await asyncio.shield(self._starting)
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            if starting.cancelled():  # the start was stopped (the box closing), not this caller
+                raise SandboxError("the Python kernel was stopped while it started") from None
+            raise
         except Exception:
             # A failed start is not cached: the next call tries again.
             self._starting = None
@@ -137,8 +142,11 @@ class Kernel:
         ]
         argv = [sys.executable, KERNEL_MAIN, "-f", connection_file, *_KERNEL_FLAGS]
         proc = kc = None
+        # Shielded: a start cancelled while the fork is under way still learns the new pid (and
+        # reads the fork server's answer), so it can kill that kernel instead of leaving it behind.
+        launch = asyncio.ensure_future(self._launch(argv, env))
         try:
-            proc = await self._launch(argv, env)
+            proc = await asyncio.shield(launch)
             if self._context is None:
                 self._context = zmq.asyncio.Context()
                 self._context.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS[0])
@@ -148,9 +156,15 @@ class Kernel:
             # No heartbeat thread (liveness is the process's), no stdin (cells never read it), no control.
             kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
             await _wait_ready(kc, proc, _STARTUP_TIMEOUT)
-        except Exception as exc:
+        except BaseException as exc:  # a failure, or a restart cancelling this start
+            if proc is None:
+                await asyncio.wait([launch])
+                if not launch.cancelled() and launch.exception() is None:
+                    proc = launch.result()
             await _discard(proc, kc, files)
-            raise SandboxError(f"the Python kernel failed to start: {exc}") from exc
+            if isinstance(exc, Exception):
+                raise SandboxError(f"the Python kernel failed to start: {exc}") from exc
+            raise
         self._proc, self._kc, self._files = proc, kc, files
 
     async def _launch(self, argv: list[str], env: dict[str, str]) -> ProcessHandle:
@@ -162,10 +176,16 @@ class Kernel:
         return ProcessHandle.spawn(argv, env, self._cwd)
 
     async def _stop(self) -> None:
+        """Kill the kernel, and a start still under way (it discards its own kernel)."""
+        starting, self._starting = self._starting, None
+        if starting is not None and not starting.done():
+            # Left running, it would install its kernel after the restart had started another:
+            # one of the two would then live on unowned (seen under load as kernels piling up).
+            starting.cancel()
+            await asyncio.wait([starting])
         proc, kc, files = self._proc, self._kc, self._files
         self._proc = self._kc = None
         self._files = []
-        self._starting = None
         await _discard(proc, kc, files)
 
     async def _restart_unlocked(self) -> None:
@@ -205,12 +225,6 @@ class Kernel:
     async def close(self) -> None:
         """Kill the kernel and its fork server for good. Idempotent."""
         self._closed = True
-        starting = self._starting
-        if starting is not None and not starting.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(starting), _STARTUP_TIMEOUT)
-            except Exception:
-                pass
         await self._stop()
         await self._forks.close()
         if self._context is not None:

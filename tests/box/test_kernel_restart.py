@@ -229,3 +229,36 @@ async def test_close_kills_the_kernel_what_it_started_and_the_fork_server(tmp_pa
     assert not list(tmp_path.glob("kernel-*"))  # connection files and sockets removed
     await kernel.close()  # idempotent
 
+
+
+def _kernels_of(server: int) -> set[int]:
+    """The live children of a fork server (each one a kernel)."""
+    import psutil
+
+    return {p.pid for p in psutil.Process(server).children() if p.status() != psutil.STATUS_ZOMBIE}
+
+
+async def test_restarts_during_a_boot_leave_one_kernel(tmp_path: Path) -> None:
+    # A reused sandbox that runs no Python is reset while its new kernel still boots; each
+    # boot must be stopped with its kernel, not left to install it beside the next one.
+    kernel = Kernel(str(tmp_path), tmp_path, lambda: dict(os.environ))
+    try:
+        await kernel.execute("1")
+        server = zygote_of(kernel)
+        for i in range(6):
+            await kernel.restart(wait=False)
+            await asyncio.sleep(0.01 * i)  # cancelled before, during and after the fork
+        out = await kernel.execute("import os; os.getpid()")
+        assert out["status"] == "ok"
+        deadline = asyncio.get_running_loop().time() + 10
+        while _kernels_of(server) != {kernel.pid()} and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)  # killed kernels take a moment to be reaped
+        assert _kernels_of(server) == {kernel.pid()} == {int(out["result"]["text/plain"])}
+    finally:
+        await kernel.close()
+
+
+def zygote_of(kernel: Kernel) -> int:
+    pids = kernel.pids() - {kernel.pid()}
+    assert len(pids) == 1, pids
+    return pids.pop()
