@@ -103,7 +103,14 @@ class ProcessHandle:
         """Send ``signum`` to the process group: for a kernel, it and what it started, as jupyter_client does."""
         try:
             os.killpg(self.pid, signum)
-        except (ProcessLookupError, PermissionError):  # gone (a pid reused by another user's process is not ours)
+            return
+        except PermissionError:  # a pid reused by another user's process is not ours
+            return
+        except ProcessLookupError:  # no such group: gone, or not yet its own group leader
+            pass
+        try:
+            os.kill(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
             pass
 
     async def wait(self, timeout: float) -> bool:

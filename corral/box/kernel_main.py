@@ -167,6 +167,12 @@ def _fork_one(line: bytes, sock, kernels: set[int], import_env: dict[str, str]):
             os._exit(1)
         return argv
     kernels.add(pid)
+    try:
+        # The child makes its own group too; doing it here as well means the group exists before
+        # the box hears the pid, so a kill sent at once (a restart stopping this boot) reaches it.
+        os.setpgid(pid, pid)
+    except OSError:  # the child got there first (EACCES once it has exec'd; not here) or died
+        pass
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     sock.sendall(json.dumps({"pid": pid}).encode() + b"\n")
     return None

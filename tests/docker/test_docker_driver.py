@@ -140,10 +140,11 @@ async def test_stop_is_handled_by_sigterm(tracker, docker_driver, docker_client,
     elapsed = time.monotonic() - t0
     state = docker_client.api.inspect_container(h.container_id)["State"]
     # Exit code 137 would mean the engine had to SIGKILL it after the grace
-    # period: the init did not pass SIGTERM on. The generous bound only
-    # guards the same thing; speed is measured by corral.bench.docker_bench.
+    # period: the init did not pass SIGTERM on. The bound guards the same thing
+    # (the grace period was not waited out); under CI load a container at
+    # cpu_shares=16 took 5.5 s to exit. Speed is measured by corral.bench.docker_bench.
     assert state["ExitCode"] != 137, state
-    assert elapsed < 5, f"stop took {elapsed:.1f}s with a 10 s grace period"
+    assert elapsed < 10, f"stop took {elapsed:.1f}s: the 10 s grace period ran out"
 
 
 async def test_network_modes_the_driver_cannot_reach_are_refused(docker_driver, docker_client, docker_ready):

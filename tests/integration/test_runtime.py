@@ -78,6 +78,13 @@ def test_async_handles_across_event_loops_keep_their_session_and_leak_no_connect
             return (await m.acquire_async(session_ctx_id=sid)).name
 
         asyncio.run(use_again())
+
+        async def acquire_and_release():  # the common shape: the loop ends right after a release
+            sb = await m.acquire_async()
+            await sb.shell("true")
+            await sb.release()
+
+        asyncio.run(acquire_and_release())
         gc.collect()
     assert m.get_info(name)["state"] == "RUNNING" and name in m.get_session_mapping(sid)
     leaks = [r.getMessage() for r in caplog.records if "Unclosed" in r.getMessage()]
