@@ -185,6 +185,22 @@ def _set_dumpable(on: bool) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(4, int(on), 0, 0, 0)  # 4 = PR_SET_DUMPABLE
 
 
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent (the fork server) dies, from this moment on.
+
+    ipykernel's own parent check starts late in its boot: a kernel whose boot stalled or
+    was stopped half-way outlived its fork server and box. Linux only; elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        return
+    if parent and os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
 def _become_kernel(cwd: str, env: dict[str, str]) -> None:
     """In a freshly forked child: leave the server's process group, signals and state for the kernel's own."""
     import signal
@@ -194,6 +210,7 @@ def _become_kernel(cwd: str, env: dict[str, str]) -> None:
     # starts, never the server. Not its own session: that would make it a scheduling autogroup
     # of its own, weighing as much as corral's actors whatever its niceness (see groups.py).
     os.setpgid(0, 0)
+    die_with_parent(int(env.get("JPY_PARENT_PID") or 0))
     _set_dumpable(True)  # the kernel is the session's own process, like a spawned one
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})

@@ -262,3 +262,4 @@ def zygote_of(kernel: Kernel) -> int:
     pids = kernel.pids() - {kernel.pid()}
     assert len(pids) == 1, pids
     return pids.pop()
+
