@@ -48,6 +48,11 @@ def _describe(exc: httpx.TransportError) -> str:
         what = "the connection failed during the exchange"
     else:
         what = type(exc).__name__
+    return with_detail(what, exc)
+
+
+def with_detail(what: str, exc: BaseException) -> str:
+    """``what`` a transport failure was, and the library's own words when they add something."""
     detail = str(exc).strip()
     return f"{what} ({detail})" if detail and detail != what else what
 

@@ -12,7 +12,7 @@ import aiohttp
 import httpx
 
 from ...errors import SandboxUnreachable
-from .._errors import redact_url
+from .._errors import redact_url, with_detail
 
 __all__ = ["sleep", "FAST_HTTP", "FastHttp"]
 
@@ -41,7 +41,7 @@ def _timeout(timeout: Union[float, httpx.Timeout]) -> aiohttp.ClientTimeout:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ServerTimeoutError) or isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
         what = "no answer within the read timeout"
     elif isinstance(exc, aiohttp.ClientConnectorError):
         what = "connection failed"
@@ -49,8 +49,7 @@ def _describe(exc: BaseException) -> str:
         what = "the connection broke mid-answer"
     else:
         what = "the connection failed during the exchange"
-    detail = str(exc).strip()
-    return f"{what} ({detail})" if detail and detail != what else what
+    return with_detail(what, exc)
 
 
 class FastHttp:
