@@ -38,6 +38,7 @@ import shortuuid
 from corral.core.registry import RegistryCore, Teardown
 from corral.core.stats import LatencyWindow
 from corral.errors import CapacityError, CorralError, InvalidRequest
+from corral.lane import LaneServer
 from corral.models import LABEL_MANAGED, LABEL_REGISTRY, ContainerState, SandboxManagerEnvConfig
 from corral.store import JsonlRecordStore
 
@@ -94,6 +95,7 @@ class RegistryActor:
         self._pool_lookups: set[str] = set()
         self._pool_missing: dict[str, float] = {}  # when a lookup last found no pool, by type
         self._driver = None
+        self._lane: Optional[LaneServer] = None  # acquire and release for callers on this node
         self._ticker: Optional[Ticker] = None
         self._reconcile_due = 0.0
         self.metrics = registry_metrics()
@@ -119,7 +121,25 @@ class RegistryActor:
         self.core.take_changes()
         self._ticker = Ticker("registry-tick", max(self.config.watcher_scan_interval, 0.2) or 1.0, self._tick)
         self._ticker.start()
+        if self.config.registry_lane:
+            await self._open_lane()
         logger.info("registry up: %d records, %d sessions", len(self.core.records), len(self.core.sessions))
+
+    async def _open_lane(self) -> None:
+        lane = LaneServer({"acquire": self.acquire, "release_many": self.release_many}, tag=self.ns)
+        try:
+            await lane.start()
+        except OSError as e:  # callers use Ray calls: slower, nothing else changes
+            logger.warning("no lane for callers on this node (%s); they use Ray calls", e)
+            return
+        self._lane = lane
+
+    async def lane_address(self) -> Optional[dict]:
+        """Where callers on this node send acquires and releases (None: no lane, use Ray)."""
+        await self._ready()
+        if self._lane is None:
+            return None
+        return {"path": self._lane.path, "token": self._lane.token, "node_id": ray.get_runtime_context().get_node_id()}
 
     async def _tick(self) -> None:
         gone = self.core.expire()
@@ -846,6 +866,7 @@ class RegistryActor:
             "started_at": self.started_at,
             "nice": self.nice,
             "acquire_ms": self.acquire_ms.summary(),
+            "lane": {"path": self._lane.path, "served": self._lane.served} if self._lane else None,
         }
 
     async def cleanup(self) -> list[str]:

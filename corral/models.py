@@ -185,6 +185,10 @@ class SandboxManagerEnvConfig(BaseModel):
         30.0, gt=0, description="Seconds between the registry's reconciliations (containers by label, session actors)."
     )
     spare_sessions: int = Field(2, ge=0, le=256, description="Session actors kept started and idle, so an acquire never waits for one.")
+    registry_lane: bool = Field(
+        True, description="Callers on the registry's node send acquires and releases over a Unix socket "
+        "(~0.4 ms) instead of a Ray call (~2.5 ms); everything else goes through Ray.",
+    )
     driver: Optional[DriverConfig] = Field(
         None, description="Explicit driver settings; None = the defaults of `container_deployment`."
     )

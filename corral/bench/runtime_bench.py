@@ -4,9 +4,10 @@
 
 For each mode (``reuse``: released sandboxes are reset and go back to the pool;
 ``destroy``: the reference's behaviour) it starts a fresh namespace with a
-warm pool of ``--workers`` sandboxes. It first measures warm bursts: all
-workers acquire at once from the full pool, then release (the acquire and
-release paths themselves). Then ``--workers`` concurrent workers do
+warm pool of ``--workers`` sandboxes. It first measures warm bursts: once
+the pool is full and the CPUs have settled from the previous burst's resets,
+all workers acquire at once, then release (the acquire and release paths
+themselves), on one event loop. Then ``--workers`` concurrent workers do
 ``--cycles`` acquire / one shell call / release cycles each (there an acquire
 includes waiting for a reset or a cold start), and it prints acquire, tool-call and release latency (p50/p99), cycles per second,
 the tool-call latency through a handle next to direct HTTP to the same box
@@ -27,6 +28,7 @@ import time
 import uuid
 from typing import Optional
 
+from corral.bench.machine import wait_quiet
 from corral.core.stats import pct, summary
 
 __all__ = ["run_mode", "main", "pct"]
@@ -189,20 +191,29 @@ def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = Fa
                 await s.release()
             return wall, mem, lat
 
-        burst_acq, burst_rel = [], []
-        for _ in range(bursts):
-            m.reserve(n=0, wait=True, timeout=900)  # full again after the previous burst's resets
-            a, r = asyncio.run(burst())
-            burst_acq += a
-            burst_rel += r
+        async def bursts_main() -> tuple[list, list, list]:
+            """The bursts, on one event loop (a rollout worker's loop lives on): each one on a
+            full warm pool, once the CPUs have settled from the previous burst's resets."""
+            b_acq, b_rel, settled = [], [], []
+            for _ in range(bursts):
+                await m.reserve_async(n=0, wait=True, timeout=900)
+                settled.append(await wait_quiet())
+                a, r = await burst()
+                b_acq += a
+                b_rel += r
+            return b_acq, b_rel, settled
+
+        burst_acq, burst_rel, settled = asyncio.run(bursts_main())
         if not quiet:
-            print(f"[{mode}] warm bursts done: acquire p50 {pct(burst_acq, 50)} ms, release p50 {pct(burst_rel, 50)} ms",
+            print(f"[{mode}] warm bursts done: acquire p50 {pct(burst_acq, 50)} ms, release p50 {pct(burst_rel, 50)} ms"
+                  f" (waited for the CPUs to settle before each: {', '.join(f'{s} s, {i} idle' for s, i in settled)})",
                   flush=True)
         m.reserve(n=0, wait=True, timeout=900)
         wall, mem, lat = asyncio.run(main())
         return {
             "warm_burst_acquire_ms": summary(burst_acq),
             "warm_burst_release_ms": summary(burst_rel),
+            "warm_burst_settle": [{"waited_s": s, "idle": i} for s, i in settled],
             "mode": mode,
             "kernel_reset": kernel_reset,
             "driver": driver,

@@ -75,6 +75,17 @@ class Cluster:
     config: SandboxManagerEnvConfig
     registry: Any
     pools: dict[str, Any] = field(default_factory=dict)
+    #: The registry's lane as this node sees it (None: none here, use Ray); ``lane_stale`` asks
+    #: the registry again (it lost its lane, or restarted with a new one).
+    lane: Optional[dict] = None
+    lane_stale: bool = False
+
+    def local_lane(self, address: Optional[dict]) -> Optional[dict]:
+        """``address`` if this process is on the registry's node, else None."""
+        here = this_node()
+        self.lane = address if address and here is not None and address.get("node_id") == here else None
+        self.lane_stale = False
+        return self.lane
 
     def pool(self, sandbox_type: Optional[str]) -> Any:
         t = self.config.sandbox_type(sandbox_type).name  # raises UnknownSandboxType
@@ -96,14 +107,24 @@ def connect(config: SandboxManagerEnvConfig, address: Optional[str] = None) -> C
     ensure_ray(address, config.namespace)
     raw = config.model_dump(mode="json")
     registry = ray.remote(RegistryActor).options(**detached_options(REGISTRY_NAME, config.namespace)).remote(raw)
-    ray.get(registry.ping.remote())
+    lane = ray.get(registry.lane_address.remote())  # answers once the registry is up
     pools = {}
     for name in config.sandbox_types:
         pools[name] = ray.remote(PoolActor).options(**detached_options(pool_name(name), config.namespace)).remote(
             raw, name
         )
     ray.get([p.set_target.remote(config.pool_target(n)) for n, p in pools.items()])
-    return Cluster(config=config, registry=registry, pools=pools)
+    cluster = Cluster(config=config, registry=registry, pools=pools)
+    cluster.local_lane(lane)
+    return cluster
+
+
+def this_node() -> Optional[str]:
+    """This process's Ray node id (None when Ray cannot say, e.g. a Ray client)."""
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
 
 
 def _run_sync(coro):

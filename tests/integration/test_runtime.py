@@ -410,3 +410,47 @@ def test_sandboxes_and_session_actors_yield_the_cpu_to_the_control_plane(make_ma
         groups = [_autogroup(p) for p in (box_pid, kernel_pid, pool_pid)]
         if all(groups):
             assert len(set(groups)) == 1, groups
+
+
+def test_async_acquires_and_releases_use_the_registrys_lane_and_find_it_again_after_a_restart(make_manager):
+    import ray
+
+    from corral.actors.common import REGISTRY_NAME
+
+    m = make_manager(pool_size=2)
+    m.reserve(n=0, wait=True)
+    before = m.status()["lane"]
+    assert before is not None and os.path.exists(before["path"])
+
+    async def cycle(n):
+        sbs = await asyncio.gather(*(m.acquire_async() for _ in range(n)))
+        for sb in sbs:
+            assert (await sb.shell("echo ok")).stdout.strip() == "ok"
+        await asyncio.gather(*(sb.release() for sb in sbs))
+
+    async def main():
+        await cycle(2)
+        assert m.status()["lane"]["served"] - before["served"] >= 2  # an acquire batch and a release batch
+        ray.kill(ray.get_actor(REGISTRY_NAME, namespace=m.config.namespace), no_restart=False)
+        await asyncio.to_thread(wait_for, lambda: m.status()["lane"] is not None, 60, 0.2, "the registry to come back")
+        m.reserve(n=0, wait=True)
+        await cycle(2)  # same loop, same manager: the old lane is gone
+
+    asyncio.run(main())
+    after = m.status()["lane"]
+    assert after["path"] != before["path"]
+    assert after["served"] >= 1  # the new registry's lane carried the second cycle's calls
+    assert not os.path.exists(before["path"])  # swept: its process is gone
+
+
+def test_without_the_lane_acquires_go_through_ray(make_manager):
+    m = make_manager(pool_size=1, registry_lane=False)
+    m.reserve(n=0, wait=True)
+
+    async def main():
+        sb = await m.acquire_async()
+        assert (await sb.shell("echo ok")).stdout.strip() == "ok"
+        await sb.release()
+
+    asyncio.run(main())
+    assert m.status()["lane"] is None

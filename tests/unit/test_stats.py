@@ -21,3 +21,13 @@ def test_window_keeps_the_last_size_and_counts_all():
     w.add(1.0, n=3)  # the 100 ms falls out of the window
     s = w.summary()
     assert s["n"] == 3 and s["total"] == 4 and s["p99"] == 1.0
+
+
+def test_idle_fraction_reads_proc_stat_deltas():
+    from corral.bench.machine import cpu_times, idle_fraction
+
+    assert idle_fraction((100, 1000), (190, 1100)) == 0.9
+    assert idle_fraction((100, 1000), (100, 1000)) is None  # no time passed
+    assert idle_fraction(None, (1, 2)) is None
+    now = cpu_times()
+    assert now is not None and 0 <= now[0] <= now[1]  # Linux: /proc/stat is there

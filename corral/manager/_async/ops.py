@@ -89,6 +89,7 @@ class AsyncOps:
         # Concurrent acquires of one type, and concurrent releases, go to the registry as one call each.
         self._acquirers: dict[str, _rt.Batcher] = {}
         self._releaser = _rt.Batcher(self._send_releases)
+        self._registry = _rt.RegistryLink(cluster)  # acquires and releases: the lane on the registry's node
 
     async def aclose(self) -> None:
         if self._shutdown_guard is not None:
@@ -97,6 +98,7 @@ class AsyncOps:
 
     async def _close_connections(self) -> None:
         await _rt.drain(self._closing)
+        await self._registry.aclose()
         boxes, self._boxes = list(self._boxes.values()) + self._retired, {}
         self._retired = []
         for box in boxes:
@@ -203,10 +205,10 @@ class AsyncOps:
 
     async def _send_acquires(self, sandbox_type: str, requests: list) -> list:
         """One registry call for a batch; requests that find nothing warm answer None (they wait alone)."""
-        return await _rt.call(self._cluster.registry.acquire.remote(sandbox_type, requests, None, False))
+        return await self._registry.call("acquire", sandbox_type, requests, None, False)
 
     async def _send_releases(self, identities: list) -> list:
-        return await _rt.call(self._cluster.registry.release_many.remote(identities))
+        return await self._registry.call("release_many", identities)
 
     def _release_orphan(self, record: dict) -> None:
         """An acquire whose caller was cancelled while its batch was in flight: give the sandbox back."""

@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 import ray
 
-__all__ = ["call", "gather", "sleep", "later", "drain", "on_loop_shutdown", "Batcher"]
+__all__ = ["call", "gather", "sleep", "later", "drain", "on_loop_shutdown", "Batcher", "RegistryLink"]
 
 
 def call(ref: Any) -> Any:
@@ -43,3 +43,17 @@ class Batcher:
 
     def __call__(self, item: Any) -> Any:
         return self._send([item])[0]
+
+
+class RegistryLink:
+    """The async side sends acquires and releases over the registry's lane; a sync caller
+    makes one call at a time, as a Ray call."""
+
+    def __init__(self, cluster: Any) -> None:
+        self._cluster = cluster
+
+    def call(self, op: str, *args: Any) -> Any:
+        return ray.get(getattr(self._cluster.registry, op).remote(*args))
+
+    def close(self) -> None:
+        """Nothing to close."""

@@ -90,6 +90,7 @@ class Ops:
         # Concurrent acquires of one type, and concurrent releases, go to the registry as one call each.
         self._acquirers: dict[str, _rt.Batcher] = {}
         self._releaser = _rt.Batcher(self._send_releases)
+        self._registry = _rt.RegistryLink(cluster)  # acquires and releases: the lane on the registry's node
 
     def close(self) -> None:
         if self._shutdown_guard is not None:
@@ -98,6 +99,7 @@ class Ops:
 
     def _close_connections(self) -> None:
         _rt.drain(self._closing)
+        self._registry.close()
         boxes, self._boxes = list(self._boxes.values()) + self._retired, {}
         self._retired = []
         for box in boxes:
@@ -204,10 +206,10 @@ class Ops:
 
     def _send_acquires(self, sandbox_type: str, requests: list) -> list:
         """One registry call for a batch; requests that find nothing warm answer None (they wait alone)."""
-        return _rt.call(self._cluster.registry.acquire.remote(sandbox_type, requests, None, False))
+        return self._registry.call("acquire", sandbox_type, requests, None, False)
 
     def _send_releases(self, identities: list) -> list:
-        return _rt.call(self._cluster.registry.release_many.remote(identities))
+        return self._registry.call("release_many", identities)
 
     def _release_orphan(self, record: dict) -> None:
         """An acquire whose caller was cancelled while its batch was in flight: give the sandbox back."""
