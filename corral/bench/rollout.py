@@ -30,6 +30,12 @@ one Ray cluster, each corral system in its own namespace torn down with
   churn: docker-py ``containers.run`` of the same image until its box answers
   (``docker_bench._bare_run``), ``exec_run`` for each tool call, ``remove``.
 
+In the ``corral`` system, one worker in ``PAIR_EVERY`` ends each episode with
+the same shell call through the handle and as bare httpx to the same box,
+back to back (``tool_ms_paired_under_load``, not part of ``tool_ms``): the
+handle's path against direct HTTP under the same load. After the episodes,
+the same pairing on one quiet box (``tool_ms_one_box_quiet``).
+
 Writes ``DIR/bench.json`` (``{"systems": {...}, "machine": {...}, "params":
 {...}}``; each system has ``episodes_per_s``, ``errors``, ``acquire_ms``,
 ``tool_ms``, ``release_ms`` as ``{"p50", "p95", "p99"}`` in milliseconds)
