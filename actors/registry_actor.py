@@ -141,6 +141,14 @@ class RegistryActor:
             return None
         return {"path": self._lane.path, "token": self._lane.token, "node_id": ray.get_runtime_context().get_node_id()}
 
+    async def close_lane(self) -> bool:
+        """Stop the lane and remove its socket (``corral down``, before this actor is killed)."""
+        if self._lane is None:
+            return False
+        self._lane.close()
+        self._lane = None
+        return True
+
     async def _tick(self) -> None:
         gone = self.core.expire()
         if gone:

@@ -186,6 +186,7 @@ def down(config: SandboxManagerEnvConfig, timeout: float = 30.0) -> dict:
     ray.get([p.drain.remote() for p in pools])  # first stop refills, or they race the release below
     if registry is not None:
         out["released"] = ray.get(registry.cleanup.remote())
+        ray.get(registry.close_lane.remote())  # its socket file goes with it
     _run_sync(_remove_leftovers(config, timeout, sweep=False))  # the pools carry out the teardowns
     names = [REGISTRY_NAME] + [pool_name(t) for t in config.sandbox_types]
     for entry in ray.util.list_named_actors(all_namespaces=True):

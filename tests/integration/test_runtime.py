@@ -416,6 +416,7 @@ def test_async_acquires_and_releases_use_the_registrys_lane_and_find_it_again_af
     import ray
 
     from corral.actors.common import REGISTRY_NAME
+    from corral.manager.cluster import down
 
     m = make_manager(pool_size=2)
     m.reserve(n=0, wait=True)
@@ -441,6 +442,8 @@ def test_async_acquires_and_releases_use_the_registrys_lane_and_find_it_again_af
     assert after["path"] != before["path"]
     assert after["served"] >= 1  # the new registry's lane carried the second cycle's calls
     assert not os.path.exists(before["path"])  # swept: its process is gone
+    down(m.config, timeout=30)
+    assert not os.path.exists(after["path"])  # `corral down` removes the lane's socket
 
 
 def test_without_the_lane_acquires_go_through_ray(make_manager):
