@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import secrets
 import shutil
 import sys
@@ -34,6 +33,7 @@ from typing import Optional
 
 import httpx
 
+from corral.core.stats import pct
 from corral.drivers.base import BOX_PORT, ContainerSpec
 from corral.drivers.docker import DockerDriver
 from corral.errors import CorralError
@@ -45,14 +45,6 @@ _POLL = 0.02
 TARGET_RATIO = 1.3
 TARGET_TEARDOWN_MS = 300.0
 TARGET_RESET_MS = 100.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (exact for the small N used here)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def _bare_run(client, image: str, token: str, name: str, timeout: float) -> tuple[float, str]:
@@ -171,7 +163,7 @@ async def run(runs: int = 5, image: str = "corral-box:latest", warmup: int = 1, 
         shutil.rmtree(tmp, ignore_errors=True)
 
     summary = {
-        k: {"p50_ms": percentile(v, 50) * 1e3, "p90_ms": percentile(v, 90) * 1e3, "n": len(v)}
+        k: {"p50_ms": pct([x * 1e3 for x in v], 50), "p90_ms": pct([x * 1e3 for x in v], 90), "n": len(v)}
         for k, v in samples.items()
     }
     ratio = summary["driver_ready"]["p50_ms"] / summary["bare_ready"]["p50_ms"]
