@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -31,23 +31,22 @@ def redact_url(url: str | httpx.URL) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def _describe(exc: httpx.TransportError) -> str:
-    if isinstance(exc, httpx.ConnectTimeout):
-        what = "connect timed out"
-    elif isinstance(exc, httpx.ConnectError):
-        what = "connection failed"
-    elif isinstance(exc, httpx.ReadTimeout):
-        what = "no answer within the read timeout"
-    elif isinstance(exc, httpx.WriteTimeout):
-        what = "sending the request timed out"
-    elif isinstance(exc, httpx.PoolTimeout):
-        what = "no free connection in the client's pool"
-    elif isinstance(exc, httpx.RemoteProtocolError):
-        what = "the connection broke mid-answer"
-    elif isinstance(exc, (httpx.ReadError, httpx.WriteError)):
-        what = "the connection failed during the exchange"
-    else:
-        what = type(exc).__name__
+#: What each httpx transport failure was, in corral's words (first match wins).
+HTTPX_FAILURES: tuple = (
+    (httpx.ConnectTimeout, "connect timed out"),
+    (httpx.ConnectError, "connection failed"),
+    (httpx.ReadTimeout, "no answer within the read timeout"),
+    (httpx.WriteTimeout, "sending the request timed out"),
+    (httpx.PoolTimeout, "no free connection in the client's pool"),
+    (httpx.RemoteProtocolError, "the connection broke mid-answer"),
+    ((httpx.ReadError, httpx.WriteError), "the connection failed during the exchange"),
+)
+
+
+def describe(exc: BaseException, table: tuple, default: Optional[str] = None) -> str:
+    """A transport failure in corral's words: the first ``(types, wording)`` of ``table`` that
+    matches (else ``default``, else the exception's class name), with the library's detail."""
+    what = next((w for types, w in table if isinstance(exc, types)), default or type(exc).__name__)
     return with_detail(what, exc)
 
 
@@ -65,7 +64,7 @@ def transport_errors(method: str, url: str | httpx.URL) -> Iterator[None]:
     except httpx.UnsupportedProtocol as exc:
         raise InvalidRequest(f"cannot reach {redact_url(url)}: {exc}") from None
     except httpx.TransportError as exc:
-        raise SandboxUnreachable(f"{method} {redact_url(url)}: {_describe(exc)}", url=redact_url(url)) from exc
+        raise SandboxUnreachable(f"{method} {redact_url(url)}: {describe(exc, HTTPX_FAILURES)}", url=redact_url(url)) from exc
 
 
 def error_from_body(body: Any, status: int) -> CorralError:

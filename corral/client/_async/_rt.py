@@ -12,7 +12,7 @@ import aiohttp
 import httpx
 
 from ...errors import SandboxUnreachable
-from .._errors import redact_url, with_detail
+from .._errors import describe, redact_url
 
 __all__ = ["sleep", "FAST_HTTP", "FastHttp"]
 
@@ -40,16 +40,13 @@ def _timeout(timeout: Union[float, httpx.Timeout]) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
-        what = "no answer within the read timeout"
-    elif isinstance(exc, aiohttp.ClientConnectorError):
-        what = "connection failed"
-    elif isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
-        what = "the connection broke mid-answer"
-    else:
-        what = "the connection failed during the exchange"
-    return with_detail(what, exc)
+#: What each aiohttp failure was, in the words the httpx path uses for the same failure.
+AIOHTTP_FAILURES: tuple = (
+    ((aiohttp.ServerTimeoutError, asyncio.TimeoutError), "no answer within the read timeout"),
+    (aiohttp.ClientConnectorError, "connection failed"),
+    ((aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError), "the connection broke mid-answer"),
+)
+AIOHTTP_OTHER = "the connection failed during the exchange"
 
 
 class FastHttp:
@@ -93,7 +90,7 @@ class FastHttp:
                 raw = [(k, v) for k, v in resp.raw_headers if k.decode("latin-1").lower() not in _WIRE_HEADERS]
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             where = redact_url(url)
-            raise SandboxUnreachable(f"{method} {where}: {_describe(exc)}", url=where) from exc
+            raise SandboxUnreachable(f"{method} {where}: {describe(exc, AIOHTTP_FAILURES, AIOHTTP_OTHER)}", url=where) from exc
         return httpx.Response(status, headers=raw, content=content, request=httpx.Request(method, url))
 
     async def aclose(self) -> None:
