@@ -1,8 +1,8 @@
-"""Names, options and small helpers shared by corral's actors.
+"""Small helpers shared by corral's actors: the tick loop, background tasks, the outbox, CPU priority.
 
 Every corral actor lives in one Ray namespace (``config.namespace``) under a
-fixed name, so any process of the cluster finds them with
-``ray.get_actor(name, namespace=...)``.
+fixed name (:mod:`actors.handles`), so any process of the cluster finds them
+with ``ray.get_actor(name, namespace=...)``.
 """
 
 from __future__ import annotations
@@ -13,42 +13,20 @@ import os
 import time
 from typing import Any, Awaitable, Callable, Optional
 
-__all__ = [
-    "REGISTRY_NAME",
-    "SESSION_PREFIX",
-    "pool_name",
-    "detached_options",
-    "Ticker",
-    "fire",
-]
+__all__ = ["Ticker", "Outbox", "fire", "set_priority", "CONTROL_NICE", "registry_options"]
 
 logger = logging.getLogger("corral.actors")
 
-REGISTRY_NAME = "corral-registry"
-SESSION_PREFIX = "corral-session-"
 
+def registry_options(name: str, namespace: str) -> dict:
+    """Options of the detached, named registry: restarted forever, calls to it retried across a
+    restart (every method is safe to retry), no CPU reserved.
 
-def pool_name(sandbox_type: str) -> str:
-    return f"corral-pool-{sandbox_type}"
-
-
-def detached_options(name: str, namespace: str, restarts: int = -1) -> dict:
-    """Options of a detached, named control-plane actor that takes no CPU.
-
-    ``max_concurrency`` is high because every method is a coroutine that mostly
-    awaits other actors or the driver; the core's state changes happen between
-    awaits, so the event loop serializes them.
+    ``max_concurrency`` is high because every method is a coroutine that mostly awaits other
+    actors; the core's state changes happen between awaits, so the event loop serializes them.
     """
-    return dict(
-        name=name,
-        namespace=namespace,
-        lifetime="detached",
-        get_if_exists=True,
-        max_restarts=restarts,
-        max_task_retries=-1 if restarts else 0,
-        num_cpus=0,
-        max_concurrency=1000,
-    )
+    return dict(name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_restarts=-1,
+                max_task_retries=-1, num_cpus=0, max_concurrency=1000)
 
 
 class Ticker:
@@ -90,6 +68,51 @@ class Ticker:
     def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
+
+
+class Outbox:
+    """Messages decided while answering a call, sent after the answer, in the order decided.
+
+    What it owns: the queue and the one task that sends it. A call's handler puts its messages
+    (teardowns for the pools, attaches for session actors) and returns; the sender wakes on the
+    next turn of the event loop, once the answer in hand has been handed to Ray or the lane, and
+    passes everything queued by then to ``send`` as one list, so a burst's messages go out
+    together and in order.
+    """
+
+    def __init__(self, send: Callable[[list], Awaitable[None]]) -> None:
+        self._send = send
+        self._items: list = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: Optional[asyncio.Task] = None
+
+    def put(self, *msgs: Any) -> None:
+        if not msgs:
+            return
+        self._items.extend(msgs)
+        self._idle.clear()
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox")
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(0)  # the answer being returned goes out first
+            items, self._items = self._items, []
+            try:
+                await self._send(items)
+            except Exception as e:  # a message that cannot be sent is logged, never lost silently
+                logger.warning("outbox: sending %d messages failed: %r", len(items), e, exc_info=True)
+            if not self._items:
+                self._idle.set()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been handed to ``send``."""
+        await self._idle.wait()
 
 
 _background: set[asyncio.Task] = set()

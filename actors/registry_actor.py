@@ -1,108 +1,112 @@
-"""RegistryActor: the only writer of container records (a shell over RegistryCore).
+"""RegistryActor: the one owner of a namespace's records, and the one that decides.
 
-What it owns: the :class:`RegistryCore` (records, session index, warm index,
-instance count), the record store it checkpoints to, the FIFO of callers
-waiting for an instance slot, the FIFO per sandbox type of acquirers waiting
-for a warm container, the in-flight restores (so two concurrent restores of
-one session start one set of containers), and the session actors: which one
-serves which session, and the spares kept started so an acquire never waits
-for an actor process.
+What it owns: the :class:`~corral.core.registry.RegistryCore` (records, wait lines,
+pool targets), the record store it checkpoints to, the lock that makes it the only
+registry of its state dir and namespace, the futures of the callers waiting in
+line, the starts it has sent to pools and not heard back from, and the
+:class:`~actors.nodes.NodeSet` (the PoolActor of each type on each node) and
+:class:`~actors.sessions.SessionShell` (session actors) it commands.
 
-An acquire is one call to this actor (a client sends its concurrent acquires
-as one batch): it takes the oldest WARM record of the type, binds it to the
-session, commits, and answers; the pool actor of that type is told the new
-warm and waiting counts afterwards (it refills from them) and is never on the
-acquire's path. A container that turns WARM (started, or reset for reuse) goes
-straight to the longest waiter of its type.
+Commands go one way. Clients call the registry (acquire, release, create,
+restore, ...); the registry calls pools (start, reset, teardown, probe, list,
+watch) and session actors (attach, detach, unbind) and learns every outcome from
+return values. Pools never call it; session actors call it only to reap their
+session, which is the reason they exist. Messages caused by an answer (teardowns,
+attaches) go out after it, in order, through an :class:`~actors.common.Outbox`.
 
-It carries out the core's decisions: teardowns go to the pool actor of the
-container's type (fire and forget, so ``release`` answers at once), reaps and
-restores go through the pools and the session actors. On (re)start it reloads
-its records, reconciles them with the containers the driver reports by label
-(adopt the known, remove the unknown), and finds its session actors again by
-name. Detached, named, restarted forever.
+The tick reconciles: refills to each type's target on the nodes with room, admits
+callers waiting for a slot, shrinks surpluses, probes warm sandboxes, follows the
+node table (a node that died takes its sandboxes with it), compares each node's
+containers with the records, and keeps the session actors topped up.
+
+Detached, named, restarted forever. On (re)start it takes its state dir's lock,
+reloads its records, asks each node's pools what they are starting, and reconciles.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
 import os
 import time
-from collections import deque
+from pathlib import Path
 from typing import Any, Optional
 
 import ray
-import shortuuid
 
 from corral.core.registry import RegistryCore, Teardown
 from corral.core.stats import LatencyWindow
-from corral.errors import CapacityError, CorralError, InvalidRequest
+from corral.errors import CapacityError, CorralError, DriverError, InvalidRequest, SandboxGone, error_class
 from corral.lane import LaneServer
-from corral.models import LABEL_MANAGED, LABEL_REGISTRY, ContainerState, SandboxManagerEnvConfig
+from corral.models import ContainerModel, ContainerState, SandboxManagerEnvConfig, check_env, labels_for, owner_id
+from corral.statedir import RegistryLock, remember
 from corral.store import JsonlRecordStore
 
-from .common import CONTROL_NICE, set_priority, SESSION_PREFIX, Ticker, fire, pool_name
+from .common import CONTROL_NICE, Outbox, Ticker, fire, set_priority
+from .handles import ActorGone, PoolHandle
 from .metrics import registry_metrics
+from .nodes import NodeSet
+from .sessions import SessionShell
 
 __all__ = ["RegistryActor"]
 
 logger = logging.getLogger("corral.registry")
 S = ContainerState
 COMPACT_EVERY = 5000  # log lines between snapshots
-SPARE_TRIM_AFTER = 60.0
-MAX_SPAWNING = 4  # session actors being started at once
-SPARE_QUIET = 10.0  # seconds without a claim or a release before spares are topped up
-ATTACH_DELAY = 0.02  # seconds a claim's session actor update waits, so a burst's updates go out after its answers
-AFTER_ANSWER = 0.003  # seconds messages caused by an answer (pool counts, teardowns) wait: each send costs ~1 ms here
+NODES_EVERY = 2.0  # seconds between reads of Ray's node table
+HEALTH_EVERY = 5.0  # seconds between health probes of warm sandboxes
+WATCH_TIMEOUT = 30.0  # seconds a pool's engine watch waits before answering "nothing"
 
 
 class RegistryActor:
     """See the module docstring. Every public method is safe to retry (Ray may)."""
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, sweep: bool = False) -> None:
         self.nice = set_priority(CONTROL_NICE)  # answers acquires and releases: ahead of the sandboxes
-        self.config = SandboxManagerEnvConfig.model_validate(config)
+        base = SandboxManagerEnvConfig.model_validate(config)
+        self._overrides_path = Path(base.abs_state_dir()) / base.namespace / "config.json"
+        self.config = self._with_overrides(base)
         self.ns = self.config.namespace
-        self.core = RegistryCore(self.config, registry_id=self.ns)
-        self.store = JsonlRecordStore(os.path.join(self.config.abs_state_dir(), "registry"))
+        self.owner = owner_id(self.config)
+        self.node = ray.get_runtime_context().get_node_id()
+        self.core = RegistryCore(self.config, registry_id=self.ns, node=self.node)
+        self.store = JsonlRecordStore(os.path.join(self.config.abs_state_dir(), self.ns, "registry"))
+        self.lock = RegistryLock(self.config.abs_state_dir(), self.ns)
+        self.nodes = NodeSet(self.config, self.owner)
+        self.sessions = SessionShell(self.config, time.monotonic, self.core)
+        self.outbox = Outbox(self._send)
+        self._sweep = sweep
+        self._draining = False
         self._boot_task: Optional[asyncio.Task] = None
-        self._slot_waiters: deque[asyncio.Future] = deque()
-        # sandbox_type -> acquirers waiting for a warm container: (future, session_ctx_id, meta)
-        self._warm_waiters: dict[str, deque[tuple[asyncio.Future, Optional[str], Optional[dict]]]] = {}
-        self._claimed: dict[str, int] = {}  # sandbox_type -> claims so far (pools consume reserve() by it)
-        self._views_sent: dict[str, tuple] = {}  # sandbox_type -> the last (warm, waiting, claimed) sent to its pool
-        self._views_due = False
-        self._pending_actor: dict[str, asyncio.Future] = {}  # session_ctx_id -> its session actor being created
-        # Claimed containers whose session actor has not been told yet (sent in order, after the
-        # answers), and what has been told: a session released before its actor heard of it
-        # costs its actor no message at all.
-        self._to_attach: deque[str] = deque()
-        self._attach_wake = asyncio.Event()
-        self._attacher: Optional[asyncio.Task] = None
-        self._armed_names: set[str] = set()
-        self._armed_sids: set[str] = set()
-        self._creating: set[str] = set()  # sessions whose promised actor is being created
-        self._teardowns: dict[str, list[Teardown]] = {}  # sandbox_type -> teardowns not yet sent to its pool
-        self._restoring: dict[str, asyncio.Future] = {}
-        self._session_actors: dict[str, Any] = {}  # session_ctx_id -> SessionActor handle
-        self._spares: list[Any] = []
-        self._spawning = 0
-        self._spare_surplus_since: Optional[float] = None
-        self._last_turnover = 0.0
-        self._commit_lock = asyncio.Lock()
-        self._pools: dict[str, Any] = {}  # pool actor handles by type: given by each pool at boot, or looked up
-        self._pool_lookups: set[str] = set()
-        self._pool_missing: dict[str, float] = {}  # when a lookup last found no pool, by type
-        self._driver = None
-        self._lane: Optional[LaneServer] = None  # acquire and release for callers on this node
         self._ticker: Optional[Ticker] = None
-        self._reconcile_due = 0.0
+        self._lane: Optional[LaneServer] = None
+        self._commit_lock = asyncio.Lock()
+        self._wids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}  # waiter id -> its caller's future
+        self._dispatched: set[str] = set()  # starts sent to a pool, outcome not yet back
+        self._start_futs: dict[str, asyncio.Future] = {}  # starts a caller awaits (create, restore)
+        self._start_env: dict[str, dict] = {}  # per-call environment of such starts
+        self._restoring: dict[str, asyncio.Future] = {}
+        self._stopped: set[str] = set()  # sandboxes stopped on request (the reference's stop): not lost
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._probes: dict[tuple, asyncio.Task] = {}
+        self._due = {"nodes": 0.0, "health": 0.0, "reconcile": 0.0}
         self.metrics = registry_metrics()
         self.acquire_ms = LatencyWindow()  # inside this actor: the call's start to its answer (waits included)
+        self.reset_ms: dict[str, LatencyWindow] = {}  # per type: reset sent to reset done
         self.started_at = time.time()
 
     # -- boot ------------------------------------------------------------------
+
+    def _with_overrides(self, base: SandboxManagerEnvConfig) -> SandboxManagerEnvConfig:
+        """The config with what :meth:`configure` changed since the namespace first started."""
+        try:
+            over = json.loads(self._overrides_path.read_text())
+        except (OSError, ValueError):
+            return base
+        return SandboxManagerEnvConfig.model_validate({**base.model_dump(mode="json"), **over})
 
     async def _ready(self) -> None:
         if self._boot_task is None:
@@ -110,20 +114,29 @@ class RegistryActor:
         await asyncio.shield(self._boot_task)
 
     async def _boot(self) -> None:
-        from corral.drivers import make_driver
-
-        self._driver = make_driver(self.config.driver_config())
+        cluster = ray.get_runtime_context().gcs_address
+        await asyncio.to_thread(self.lock.acquire, {"node": self.node, "cluster": cluster, "namespace": self.ns})
+        await asyncio.to_thread(remember, self.ns, self.config.abs_state_dir(),
+                                self.config.driver_config().model_dump(mode="json"))
         self.core.load_records(await self.store.load())
-        await self._find_session_actors()
-        await self._reconcile(booting=True)
-        await self._ensure_session_actors()
+        await self.nodes.refresh()
+        await self.sessions.adopt(self.ns)
+        for node in list(self.nodes.nodes):
+            await self._reconcile_node(node)
+        if self._sweep:
+            names = self._release_everything()
+            logger.warning("released %d sandboxes left by a process that exited without cleaning up", len(names))
+        await self._commit()
         await self.store.compact([r.model_dump(mode="json") for r in self.core.records.values()])
         self.core.take_changes()
+        for node in self.nodes.nodes:
+            self._watch(node)
         self._ticker = Ticker("registry-tick", max(self.config.watcher_scan_interval, 0.2) or 1.0, self._tick)
         self._ticker.start()
         if self.config.registry_lane:
             await self._open_lane()
-        logger.info("registry up: %d records, %d sessions", len(self.core.records), len(self.core.sessions))
+        logger.info("registry up: %d records, %d sessions, %d nodes", len(self.core.records),
+                    len(self.core.sessions), len(self.nodes.nodes))
 
     async def _open_lane(self) -> None:
         lane = LaneServer({"acquire": self.acquire, "release_many": self.release_many}, tag=self.ns)
@@ -134,12 +147,18 @@ class RegistryActor:
             return
         self._lane = lane
 
+    async def hello(self) -> dict:
+        """What a client needs to join: the running config, the lane, this node and owner."""
+        await self._ready()
+        return {"config": self.config.model_dump(mode="json"), "lane": await self.lane_address(),
+                "node": self.node, "owner": self.owner}
+
     async def lane_address(self) -> Optional[dict]:
         """Where callers on this node send acquires and releases (None: no lane, use Ray)."""
         await self._ready()
         if self._lane is None:
             return None
-        return {"path": self._lane.path, "token": self._lane.token, "node_id": ray.get_runtime_context().get_node_id()}
+        return {"path": self._lane.path, "token": self._lane.token, "node_id": self.node}
 
     async def close_lane(self) -> bool:
         """Stop the lane and remove its socket (``corral down``, before this actor is killed)."""
@@ -149,31 +168,55 @@ class RegistryActor:
         self._lane = None
         return True
 
+    # -- the tick ----------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._ticker is not None:
+            self._ticker.kick()
+
     async def _tick(self) -> None:
-        gone = self.core.expire()
-        if gone:
-            await self._commit()
-        await self._top_up_spares()
         now = time.monotonic()
-        if now >= self._reconcile_due:
-            self._reconcile_due = now + self.config.reconcile_interval
-            await self._reconcile()
-            await self._ensure_session_actors()
+        if now >= self._due["nodes"]:
+            self._due["nodes"] = now + NODES_EVERY
+            await self._follow_nodes()
+        self._admit_and_refill()
+        teardowns = self.core.plan_shrink(now)
+        self.core.expire()
+        if teardowns:
+            self.outbox.put(*[("teardown", td) for td in teardowns])
+        if now >= self._due["health"]:
+            self._due["health"] = now + HEALTH_EVERY
+            self._probe_all()
+        if now >= self._due["reconcile"]:
+            self._due["reconcile"] = now + self.config.reconcile_interval
+            for node in list(self.nodes.nodes):
+                await self._reconcile_node(node)
+            await self.sessions.check()
+        self.sessions.tick()
+        await self._commit()
         if self.store.log_lines > COMPACT_EVERY:
             async with self._commit_lock:
                 await self.store.compact([r.model_dump(mode="json") for r in self.core.records.values()])
-        self.metrics.set_counts(self.core.counts(), len(self._session_actors), len(self._spares))
+        self.metrics.set_counts(self.core, self.sessions.stats())
 
-    async def _reconcile(self, booting: bool = False) -> None:
-        observed = await self._driver.list({LABEL_MANAGED: "true", LABEL_REGISTRY: self.ns})
-        plan = self.core.reconcile([h.model_dump() for h in observed], booting=booting)
-        for cid in plan.remove:
-            fire(self._driver.remove(cid), f"remove orphan {cid}")
-        if plan.remove or plan.lost:
-            logger.warning("reconcile: removed %d unknown containers, %d records lost their container",
-                           len(plan.remove), len(plan.lost))
-            self._wake_slots(len(plan.lost))
-        await self._commit()
+    def _admit_and_refill(self) -> None:
+        """Callers waiting for a slot first, then each type's deficit; both started on their nodes."""
+        if self._draining:
+            return
+        views = self._views()
+        admitted = self.core.admit(views)
+        for wid, rec in admitted:
+            self._resolve(wid, rec)
+        recs = self.core.plan_starts(views, time.monotonic())
+        if recs:
+            self._dispatch(recs)
+
+    def _views(self):
+        views = self.nodes.views()
+        for v in views:
+            v.active = self.core.node_active(v.node_id)
+            v.starting = self.core.node_starting(v.node_id)
+        return views
 
     async def _commit(self) -> None:
         """Append every pending change to the store before the caller is answered (group commit)."""
@@ -182,505 +225,319 @@ class RegistryActor:
         async with self._commit_lock:
             changed, deleted = self.core.take_changes()
             await self.store.append(changed, deleted)
-        self._views_soon()
 
-    # -- what the pools see ------------------------------------------------------
+    # -- nodes -----------------------------------------------------------------
 
-    def _view(self, sandbox_type: str) -> tuple:
-        return (self.core.warm_count(sandbox_type), len(self._warm_waiters.get(sandbox_type, ())),
-                self._claimed.get(sandbox_type, 0), self.core.count(sandbox_type, S.RESETTING))
+    async def _follow_nodes(self) -> None:
+        came, went = await self.nodes.refresh()
+        for node in came:
+            self._watch(node)
+            await self._reconcile_node(node)  # a node that comes back may still run old sandboxes
+        for node in went:
+            task = self._watchers.pop(node, None)
+            if task is not None:
+                task.cancel()
+            lost = self.core.node_lost(node)
+            for name in [n for n in self._dispatched]:
+                rec = self.core.records.get(name)
+                if rec is not None and self.core.node_of(rec) == node:
+                    self._dispatched.discard(name)
+                    self._start_outcome({"name": name, "ok": False, "error": SandboxGone(
+                        f"node {node[:12]} died while {name} was starting").to_dict()}, counts=False)
+            for rec in lost:
+                self.outbox.put(*self.sessions.ended(rec.session_ctx_id, rec.container_name))
+            logger.warning("node %s is gone: %d sessions' sandboxes lost with it", node[:12], len(lost))
+        if came or went:
+            self._kick()
 
-    def _views_soon(self) -> None:
-        """:meth:`_sync_views` just after the answer in hand has gone out (once for a burst of changes)."""
-        if not self._views_due:
-            self._views_due = True
-            asyncio.get_running_loop().call_later(AFTER_ANSWER, self._sync_views)
+    def _watch(self, node: str) -> None:
+        if node not in self._watchers:
+            self._watchers[node] = fire(self._watch_engine(node), f"watch node {node[:12]}")
 
-    def _sync_views(self) -> None:
-        """Tell each pool whose warm/waiting/claimed counts changed (one message per pool)."""
-        self._views_due = False
-        for t in self.config.sandbox_types:
-            view = self._view(t)
-            if self._views_sent.get(t) != view:
-                self._views_sent[t] = view
-                try:
-                    pool = self._pool(t)
-                except ValueError:  # that pool actor is not running (yet)
-                    self._views_sent.pop(t, None)
-                    continue
-                fire(pool.view.remote(*view), f"view of {t}")
-
-    async def pool_view(self, sandbox_type: str, pool: Any = None) -> dict:
-        """The counts a pool refills from (it asks at boot, with its own handle; afterwards they are pushed)."""
-        await self._ready()
-        if pool is not None:
-            self._pools[self.config.sandbox_type(sandbox_type).name] = pool
-        warm, waiting, claimed, resetting = self._view(sandbox_type)
-        return {"warm": warm, "waiting": waiting, "claimed": claimed, "resetting": resetting}
-
-    # -- session actors --------------------------------------------------------
-
-    async def _find_session_actors(self) -> None:
-        """Rediscover session actors by name after a restart: bound ones serve their sessions, others are spares."""
-        try:  # GCS calls: in a thread, never on the event loop
-            named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
-        except Exception:  # the GCS may be briefly unavailable right after a restart
-            named = []
-        for entry in named:
-            if entry.get("namespace") != self.ns or not entry.get("name", "").startswith(SESSION_PREFIX):
-                continue
+    async def _watch_engine(self, node: str) -> None:
+        """Keep a long poll open on the node's engine: a sandbox it stops is gone at once."""
+        while node in self.nodes.nodes:
+            info = self.nodes.nodes[node]
             try:
-                h = await asyncio.to_thread(ray.get_actor, entry["name"], namespace=self.ns)
-                desc = await asyncio.wait_for(h.describe.remote(), 10)
-            except Exception:
+                dead = await info.lister().watch(WATCH_TIMEOUT)
+            except (ActorGone, asyncio.TimeoutError):
+                await asyncio.sleep(1.0)
                 continue
-            sid = desc.get("session_ctx_id")
-            if sid and sid in self.core.sessions:
-                self._session_actors[sid] = h
-                self._armed_sids.add(sid)
-                self._armed_names.update(self.core.session_names(sid))
+            if dead:
+                self._engine_dead(node, dead)
+
+    def _engine_dead(self, node: str, names: list[str]) -> None:
+        tds = []
+        for name in names:
+            rec = self.core.records.get(name)
+            if rec is None or self.core.node_of(rec) != node or name in self._stopped:
+                continue
+            if rec.state == S.WARM:
+                td = self.core.release(name)
+            elif rec.state == S.RUNNING:
+                td = self.core.mark_lost(name)
+                self.outbox.put(*self.sessions.ended(rec.session_ctx_id, name))
             else:
-                if sid:
-                    await h.unbind.remote()
-                self._spares.append(h)
+                continue
+            if td is not None:
+                td.action = "destroy" if td.action != "recycle" else td.action
+                tds.append(td)
+        if tds:
+            logger.warning("the engine of node %s stopped %d sandboxes", node[:12], len(tds))
+            self.outbox.put(*[("teardown", td) for td in tds])
+            fire(self._commit(), "commit")
+            self._kick()
 
-    def _new_session_actor(self):
-        from .session_actor import SessionActor
-
-        name = SESSION_PREFIX + shortuuid.uuid()[:12].lower()
-        return ray.remote(SessionActor).options(
-            name=name, namespace=self.ns, lifetime="detached", num_cpus=0, max_restarts=0, max_concurrency=100,
-        ).remote(self.config.model_dump(mode="json"))
-
-    async def _top_up_spares(self) -> None:
-        # After a burst every finished session leaves a spare; keep them a while (the next RL
-        # step reuses them), then stop the surplus so idle actors do not hold memory forever.
-        if len(self._spares) <= self.config.spare_sessions:
-            self._spare_surplus_since = None
-        elif self._spare_surplus_since is None:
-            self._spare_surplus_since = time.monotonic()
-        elif time.monotonic() - self._spare_surplus_since > SPARE_TRIM_AFTER:
-            while len(self._spares) > self.config.spare_sessions:
-                ray.kill(self._spares.pop(0), no_restart=True)
-            self._spare_surplus_since = None
-        if time.monotonic() - self._last_turnover < SPARE_QUIET:
-            # sessions are coming and going (an RL loop): new processes now would slow it, and each
-            # release gives its actor back, so the actors the loop needs already exist
+    async def _reconcile_node(self, node: str) -> None:
+        info = self.nodes.nodes.get(node)
+        if info is None:
             return
-        want = self.config.spare_sessions - len(self._spares) - self._spawning
-        # a few at a time: each is a Python process that takes about a second of CPU to start
-        want = min(want, MAX_SPAWNING - self._spawning)
-        for _ in range(max(0, want)):
-            self._spawning += 1
-            fire(self._spawn_spare(), "spawn session actor")
-
-    async def _spawn_spare(self) -> None:
-        h = None
         try:
-            # creating a named actor waits on the GCS: never on the event loop every claim shares
-            h = await asyncio.to_thread(self._new_session_actor)
-            await h.describe.remote()  # returns once the process is up
-            self._spares.append(h)
-        except Exception:
-            if h is not None:  # half-started: make sure it does not linger
-                try:
-                    ray.kill(h, no_restart=True)
-                except Exception:
-                    pass
-            raise
-        finally:
-            self._spawning -= 1
+            observed = await info.lister().list()
+            flying: set[str] = set()
+            for pool in info.pools.values():
+                flying.update(await pool.in_flight())
+        except (ActorGone, asyncio.TimeoutError) as e:
+            logger.warning("reconcile of node %s skipped: %s", node[:12], e)
+            return
+        unclaimed = [n for n in flying if n not in self._dispatched and n in self.core.records
+                     and self.core.records[n].state == S.STARTING]
+        plan = self.core.reconcile(node, observed, flying | self._dispatched)
+        if plan.remove:
+            fire(info.lister().remove(plan.remove), f"remove {len(plan.remove)} orphans")
+        if plan.remove or plan.lost:
+            logger.warning("reconcile of node %s: removed %d unknown containers, %d records lost their container",
+                           node[:12], len(plan.remove), len(plan.lost))
+            self._kick()
+        for t in {self.core.records[n].sandbox_type for n in unclaimed if n in self.core.records}:
+            names = [n for n in unclaimed if self.core.records[n].sandbox_type == t]
+            self._dispatched.update(names)
+            fire(self._collect(info.pools[t], names), f"collect {len(names)} starts")
 
-    async def _actor_of(self, session_ctx_id: str, ending: bool = True):
-        """The session's actor (waiting for one being created), or None.
+    # -- starts ------------------------------------------------------------------
 
-        ``ending``: the caller ends the session's binding (release, reap). An actor that is
-        still only promised (no spare was left and its creation has not begun) is then not
-        created at all.
-        """
-        pending = self._pending_actor.get(session_ctx_id)
-        if pending is not None:
-            if ending and session_ctx_id not in self._creating:
-                del self._pending_actor[session_ctx_id]
-                if not pending.done():
-                    pending.set_result(None)
-                return None
-            try:
-                await asyncio.shield(pending)
-            except Exception:
-                pass
-        return self._session_actors.get(session_ctx_id)
+    def _spec(self, rec: ContainerModel) -> dict:
+        t = self.config.sandbox_type(rec.sandbox_type)
+        env = {**t.environment, **self._start_env.pop(rec.container_name, {})}
+        return {"image": t.image, "labels": labels_for(rec, self.ns, self.owner), "environment": env,
+                "readonly_mounts": {os.path.abspath(h): c for h, c in (self.config.readonly_mounts or {}).items()},
+                "cpus": t.cpus, "memory": t.memory, "pids_limit": t.pids_limit, "network_mode": t.network_mode}
 
-    def _choose_actors(self, recs: list) -> list:
-        """Give each claimed record's session an actor now (a spare when there is one).
-
-        Runs before the claim is answered, so a release that follows finds the actor. A session
-        with no spare left gets a pending slot, filled by :meth:`_send_attaches` (which creates an
-        actor off the event loop). Returns the records to attach.
-        """
-        out = []
+    def _dispatch(self, recs: list[ContainerModel], expect_storage: Optional[set] = None) -> None:
+        """Send STARTING records to the pools of their type and node, one call per pool."""
+        groups: dict[tuple, list[dict]] = {}
         for rec in recs:
-            sid = rec.session_ctx_id
-            if not sid:
+            item = {"record": rec.model_dump(mode="json"), "spec": self._spec(rec),
+                    "expect_storage": bool(expect_storage and rec.container_name in expect_storage)}
+            groups.setdefault((rec.sandbox_type, self.core.node_of(rec)), []).append(item)
+            self._dispatched.add(rec.container_name)
+        for (t, node), items in groups.items():
+            pool = self.nodes.pool(t, node)
+            if pool is None:
+                for item in items:
+                    self._dispatched.discard(item["record"]["container_name"])
+                    self._start_outcome({"name": item["record"]["container_name"], "ok": False, "error": SandboxGone(
+                        f"no pool of {t!r} on node {node[:12]}").to_dict()}, counts=False)
                 continue
-            if sid not in self._session_actors and sid not in self._pending_actor:
-                if self._spares:
-                    self._session_actors[sid] = self._spares.pop()
-                else:
-                    self._pending_actor[sid] = asyncio.get_running_loop().create_future()
-            out.append(rec)
-        if out and self._ticker:
-            self._ticker.kick()  # top the spares up again
-        return out
+            fire(self._run_starts(pool, items), f"start {len(items)} {t}")
 
-    def _queue_attach(self, recs: list) -> None:
-        """Tell the session actors of these claimed containers, in order, shortly after the answer."""
-        for rec in self._choose_actors(recs):
-            self._to_attach.append(rec.container_name)
-        if self._to_attach:
-            if self._attacher is None or self._attacher.done():
-                self._attacher = fire(self._send_attaches(), "attach sessions")
-            self._attach_wake.set()
-
-    async def _send_attaches(self) -> None:
-        while True:
-            await self._attach_wake.wait()
-            self._attach_wake.clear()
-            await asyncio.sleep(ATTACH_DELAY)
-            while self._to_attach:
-                rec = self.core.records.get(self._to_attach.popleft())
-                if rec is None or rec.state != S.RUNNING or not rec.session_ctx_id:
-                    continue  # released (or reaped) before its actor heard of it
-                try:
-                    await self._attach(rec)
-                except Exception as e:
-                    logger.warning("attach of %s failed: %r", rec.container_name, e)
-                await asyncio.sleep(0)  # requests that came in meanwhile go first
-
-    async def _session_actor(self, session_ctx_id: str):
-        h = self._session_actors.get(session_ctx_id)
-        if h is not None:
-            return h
-        pending = self._pending_actor.get(session_ctx_id)
-        if pending is not None and pending.done() and not pending.cancelled() and pending.exception() is None:
-            return pending.result()
-        self._creating.add(session_ctx_id)
+    async def _run_starts(self, pool: PoolHandle, items: list[dict]) -> None:
+        names = [i["record"]["container_name"] for i in items]
         try:
-            new = self._spares.pop() if self._spares else await asyncio.to_thread(self._new_session_actor)
-        except BaseException as e:
-            if pending is not None and not pending.done():
-                pending.set_exception(e)
-            self._pending_actor.pop(session_ctx_id, None)
-            raise
-        finally:
-            self._creating.discard(session_ctx_id)
-        h = self._session_actors.setdefault(session_ctx_id, new)
-        if h is not new:  # another claim for this session won while we created ours: keep it as a spare
-            self._spares.append(new)
-        if pending is not None and not pending.done():
-            pending.set_result(h)
-        self._pending_actor.pop(session_ctx_id, None)
-        if self._ticker:
-            self._ticker.kick()  # top the spares up again
-        return h
+            results = await pool.start(items)
+            counts = True
+        except ActorGone as e:
+            results = [{"name": n, "ok": False, "error": DriverError(f"pool gone: {e}").to_dict()} for n in names]
+            counts = False
+        await self._apply_starts(results, counts)
 
-    async def _attach(self, rec, wait: bool = False) -> None:
-        """Add the container to its session's actor (a spare, or a new one).
-
-        The ``attach`` call is sent without waiting unless ``wait`` (Ray runs one caller's calls
-        to an actor in order, so a later ``unbind`` cannot overtake it). A dead actor is replaced
-        and the attach retried in the background.
-        """
-        sid = rec.session_ctx_id
-        if not sid:
-            return
-        h = await self._session_actor(sid)
-        ref = h.attach.remote(sid, self.config.timeout_for(rec.sandbox_type), rec.container_name, rec.url,
-                              rec.runtime_token)
-        self._armed_names.add(rec.container_name)
-        self._armed_sids.add(sid)
-        if wait:
-            await ref
-        else:
-            fire(self._confirm_attach(ref, h, rec), f"attach {rec.container_name}")
-
-    async def _confirm_attach(self, ref, h, rec) -> None:
+    async def _collect(self, pool: PoolHandle, names: list[str]) -> None:
+        """Starts a pool was making when this registry restarted: their outcome, when it comes."""
         try:
-            await ref
-        except ray.exceptions.RayActorError:
-            # a dead spare (or a session actor that died): never leave a session without a clock
-            sid = rec.session_ctx_id
-            if self._session_actors.get(sid) is h:
-                del self._session_actors[sid]
-            live = self.core.records.get(rec.container_name)
-            if live is not None and live.state == S.RUNNING and live.session_ctx_id == sid:
-                await self._attach(live, wait=True)
+            results = await pool.collect(names)
+        except ActorGone as e:
+            results = [{"name": n, "ok": False, "error": DriverError(f"pool gone: {e}").to_dict()} for n in names]
+        await self._apply_starts(results, counts=False)
 
-    async def _ensure_session_actors(self) -> None:
-        """Every session with a RUNNING container has a live actor (reconcile: actors die too)."""
-        for sid, names in list(self.core.sessions.items()):
-            running = [self.core.records[n] for n in names
-                       if n in self.core.records and self.core.records[n].state == S.RUNNING]
-            if not running or sid in self._pending_actor:
-                continue
-            h = self._session_actors.get(sid)
-            if h is not None:
-                try:
-                    await asyncio.wait_for(h.describe.remote(), 10)
-                    continue
-                except Exception:
-                    logger.warning("session actor of %s is gone; giving the session a new one", sid)
-                    self._session_actors.pop(sid, None)
-            for rec in running:
-                await self._attach(rec, wait=True)
+    async def _apply_starts(self, results: list[dict], counts: bool) -> None:
+        for r in results:
+            self._dispatched.discard(r["name"])
+            self._start_outcome(r, counts)
+        await self._commit()
+        for t in self.config.sandbox_types:
+            self._hand_off(t)
+        self._kick()
 
-    async def _detach(self, sid: Optional[str], name: str) -> None:
-        told = name in self._armed_names
-        self._armed_names.discard(name)
-        if not sid:
+    def _start_outcome(self, r: dict, counts: bool) -> None:
+        name = r["name"]
+        rec = self.core.records.get(name)
+        fut = self._start_futs.pop(name, None)
+        if r.get("ok"):
+            if rec is None or rec.state != S.STARTING:  # released while it started: it goes
+                self.outbox.put(("remove", name, self.core.node_of(rec) if rec else self.node, r["container_id"]))
+                if fut is not None and not fut.done():
+                    fut.set_exception(SandboxGone(f"{name} was released while it started"))
+                return
+            rec = self.core.started(name, r["container_id"], r.get("url"), r.get("ports") or [])
+            if fut is not None and not fut.done():
+                fut.set_result(rec)
+            elif rec.state == S.RUNNING:
+                self.outbox.put(*self.sessions.claimed([rec]))
             return
-        h = await self._actor_of(sid)
-        if h is None:
-            return
-        if sid not in self.core.sessions:
-            # The session has nothing left: the actor goes back to the spares. Ray runs one
-            # caller's calls to an actor in order, so a later attach cannot overtake this unbind.
-            self._session_actors.pop(sid, None)
-            if sid in self._armed_sids:
-                self._armed_sids.discard(sid)
-                fire(h.unbind.remote(), "session unbind")
-            self._spares.append(h)
-        elif told:
-            fire(h.detach.remote(name), "session detach")
+        self.core.start_failed(name, counts=counts)
+        err = r.get("error") or {}
+        if fut is not None and not fut.done():
+            fut.set_exception(error_class(err.get("code", ""))(err.get("message", "the start failed")))
 
-    # -- slots (max_sandbox_instances) -----------------------------------------
+    async def _start_and_wait(self, rec: ContainerModel, env: dict, expect_storage: bool) -> ContainerModel:
+        fut = asyncio.get_running_loop().create_future()
+        self._start_futs[rec.container_name] = fut
+        if env:
+            self._start_env[rec.container_name] = env
+        self._dispatch([rec], {rec.container_name} if expect_storage else None)
+        return await fut
 
-    def _wake_slots(self, n: int = 1) -> None:
-        """Slots freed: the callers waiting in line go first, then the pools may refill."""
-        while n > 0 and self._slot_waiters:
-            fut = self._slot_waiters.popleft()
-            if not fut.done():
-                fut.set_result(True)
-                n -= 1
-        if n > 0 and self.core.limit > 0:
-            for t in self.config.sandbox_types:
-                try:
-                    fire(self._pool(t).kick.remote(), "kick pool")
-                except ValueError:  # that pool actor is not running
-                    pass
+    # -- waiting ---------------------------------------------------------------
 
-    async def reserve(
-        self,
-        sandbox_type: str,
-        session_ctx_id: Optional[str] = None,
-        meta: Optional[dict] = None,
-        mount_dir: Optional[str] = None,
-        storage_path: Optional[str] = None,
-        wait: bool = True,
-        timeout: Optional[float] = None,
-    ) -> Optional[dict]:
-        """A STARTING record holding a slot. At the limit: wait in line (FIFO), or None when ``wait`` is False."""
-        await self._ready()
-        timeout = self.config.acquire_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        at_head = False  # once woken, a waiter keeps its place at the head of the line
-        while True:
-            if at_head or not self._slot_waiters:
-                rec = self.core.reserve(sandbox_type, session_ctx_id=session_ctx_id, meta=meta,
-                                        mount_dir=mount_dir, storage_path=storage_path)
-                if rec is not None:
-                    await self._commit()
-                    return rec.model_dump(mode="json")
-            if not wait:
-                return None
-            fut = asyncio.get_running_loop().create_future()
-            if at_head:
-                self._slot_waiters.appendleft(fut)
+    def _new_waiter(self) -> tuple[int, asyncio.Future]:
+        wid = next(self._wids)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[wid] = fut
+        return wid, fut
+
+    def _resolve(self, wid: int, value: Any) -> None:
+        fut = self._waiting.pop(wid, None)
+        if fut is not None and not fut.done():
+            if isinstance(value, BaseException):
+                fut.set_exception(value)
             else:
-                self._slot_waiters.append(fut)
-            try:
-                await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise CapacityError(
-                    f"no sandbox slot within {timeout:.0f}s: {self.core.counted} active of "
-                    f"max_sandbox_instances={self.core.limit}"
-                ) from None
-            finally:
-                if not fut.done():
-                    fut.cancel()
-                    try:
-                        self._slot_waiters.remove(fut)
-                    except ValueError:
-                        pass
-            at_head = True
+                fut.set_result(value)
 
-    async def started(self, name: str, container_id: str, url: Optional[str], ports: list) -> dict:
-        await self._ready()
-        rec = self.core.started(name, container_id, url, ports)
-        self._hand_off(rec.sandbox_type)
-        await self._commit()
-        await self._attach(rec)
-        return rec.model_dump(mode="json")
+    async def _await_waiter(self, wid: int, fut: asyncio.Future, timeout: float, describe) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            if self.core.lines.cancel(wid):
+                self._waiting.pop(wid, None)
+                raise CapacityError(describe()) from None
+            return await fut  # handed its sandbox just as the wait ran out
+        finally:
+            self._waiting.pop(wid, None)
 
-    async def moved(self, name: str, url: Optional[str], ports: list) -> Optional[dict]:
-        await self._ready()
-        rec = self.core.moved(name, url, ports)
-        await self._commit()
-        return rec.model_dump(mode="json") if rec is not None else None
+    def _hand_off(self, t: str) -> None:
+        given = self.core.hand_off(t)
+        if given:
+            for wid, rec in given:
+                self._resolve(wid, rec)
+            self.outbox.put(*self.sessions.claimed([rec for _, rec in given]))
 
-    async def start_failed(self, name: str) -> None:
-        await self._ready()
-        if name in self.core.records:
-            self.core.start_failed(name)
-            await self._commit()
-            self._wake_slots()
+    async def _reserve_wait(self, request: dict, timeout: float) -> ContainerModel:
+        """A STARTING record for a cold start, waiting in line at the instance limit (FIFO)."""
+        wid, fut = self._new_waiter()
+        self.core.wait_slot(wid, request)
+        self._admit_and_refill()
+        return await self._await_waiter(wid, fut, timeout, lambda: (
+            f"no sandbox slot within {timeout:.0f}s: {self.core.counted} active of "
+            f"max_sandbox_instances={self.core.limit or 'unlimited'}, nodes: "
+            + ", ".join(f"{v.node_id[:12]} {v.active}/{v.capacity}" for v in self._views())))
 
     # -- acquire ----------------------------------------------------------------
 
     async def acquire(self, sandbox_type: str, requests: list, timeout: Optional[float] = None,
                       wait: bool = True) -> list:
-        """Bind a warm container of the type to each request (``{"session_ctx_id", "meta"}``).
+        """Bind a warm sandbox of the type to each request (``{"session_ctx_id", "meta", "node"}``).
 
         One answer per request, in order: the RUNNING record as a dict, a corral error (raised
         by the client), or None when none was warm and ``wait`` is False. Requests that find
-        nothing warm wait in line (FIFO per type, behind earlier waiters) until a container turns
-        WARM or ``timeout`` passes; the pool refills from the waiting count it is sent.
+        nothing warm wait in line (FIFO per type) until a sandbox turns WARM or ``timeout`` passes.
         """
         await self._ready()
         t0 = time.perf_counter()
         t = self.config.sandbox_type(sandbox_type).name
         if not isinstance(requests, list) or not requests:
             raise InvalidRequest("requests must be a non-empty list")
+        for req in requests:
+            self._check_node(req.get("node"))
         timeout = self.config.acquire_timeout if timeout is None else timeout
-        out: list[Any] = [None] * len(requests)
-        claimed, waits = [], []
-        for i, req in enumerate(requests):
-            sid, meta = req.get("session_ctx_id"), req.get("meta")
-            name = None if self._warm_waiters.get(t) else self.core.next_warm(t)
-            if name is not None:
-                rec = self.core.claim(name, sid, meta)
-                claimed.append(rec)
-                out[i] = rec
-            elif wait:
-                waits.append((i, self._wait_warm(t, sid, meta, timeout)))
+        out: list[Any] = list(self.core.acquire(t, requests))
+        claimed = [r for r in out if r is not None]
+        waits = []
+        if wait:
+            for i, req in enumerate(requests):
+                if out[i] is None:
+                    wid, fut = self._new_waiter()
+                    self.core.wait_warm(wid, t, req)
+                    waits.append((i, wid, fut))
         if claimed:
-            self._claimed[t] = self._claimed.get(t, 0) + len(claimed)
-            self._last_turnover = time.monotonic()
             await self._commit()
-            self._queue_attach(claimed)
-        else:
-            self._views_soon()  # new waiters: the pool must know
-        for i, waiting in waits:
+            self.outbox.put(*self.sessions.claimed(claimed))
+        if waits or claimed:
+            self._kick()
+        for i, wid, fut in waits:
             try:
-                out[i] = await waiting
+                out[i] = await self._await_waiter(wid, fut, timeout, lambda: (
+                    f"no warm {t!r} sandbox within {timeout:.0f}s (warm={self.core.warm_count(t)}, "
+                    f"starting={self.core.count(t, S.STARTING)}, waiting={self.core.lines.warm_waiting(t)})"))
             except CorralError as e:
                 out[i] = e
+        if waits:
+            await self._commit()
         ok = 0
         for i, r in enumerate(out):
-            if r is not None and not isinstance(r, CorralError):
+            if isinstance(r, ContainerModel):
                 out[i] = self.core.dump(r)
                 ok += 1
-        if ok:  # recorded after the answer has gone out (call_soon would run before Ray sends it)
-            asyncio.get_running_loop().call_later(
-                AFTER_ANSWER, self._observe_acquires, t, (time.perf_counter() - t0) * 1000, ok)
+        if ok:
+            self._observe_acquires(t, (time.perf_counter() - t0) * 1000, ok)
         return out
+
+    def _check_node(self, node: Optional[str]) -> None:
+        if not node or node == "any" or node.startswith("local:"):
+            return
+        if node not in self.nodes.nodes:
+            raise InvalidRequest(f"no node {node!r} runs sandboxes of this namespace; known: "
+                                 f"{sorted(n[:12] for n in self.nodes.nodes)}")
 
     def _observe_acquires(self, sandbox_type: str, ms: float, n: int) -> None:
         self.metrics.claims.inc(n)
         self.acquire_ms.add(ms, n)
-        for _ in range(n):
-            self.metrics.acquire_ms.observe(ms, tags={"sandbox_type": sandbox_type})
+        self.metrics.acquire_ms.observe(ms, tags={"sandbox_type": sandbox_type})
 
-    async def _wait_warm(self, t: str, sid: Optional[str], meta: Optional[dict], timeout: float):
-        fut = asyncio.get_running_loop().create_future()
-        line = self._warm_waiters.setdefault(t, deque())
-        line.append((fut, sid, meta))
-        try:
-            try:
-                rec = await asyncio.wait_for(asyncio.shield(fut), timeout)
-            except asyncio.TimeoutError:
-                if not (fut.done() and not fut.cancelled() and fut.exception() is None):
-                    raise CapacityError(
-                        f"no warm {t!r} sandbox within {timeout:.0f}s (warm={self.core.warm_count(t)}, "
-                        f"starting={self.core.count(t, S.STARTING)}, waiting={len(line)})"
-                    ) from None
-                rec = fut.result()
-        finally:
-            if not fut.done():
-                fut.cancel()
-            for item in list(line):
-                if item[0] is fut:
-                    line.remove(item)
-            self._views_soon()
-        await self._commit()
-        self._queue_attach([rec])
-        return rec
-
-    def _hand_off(self, sandbox_type: Optional[str]) -> None:
-        """Containers of the type that are WARM go to the acquirers waiting for one, longest first."""
-        t = sandbox_type or self.config.default_type
-        line = self._warm_waiters.get(t)
-        while line and self.core.warm_count(t):
-            fut, sid, meta = line.popleft()
-            if fut.done():
-                continue
-            rec = self.core.claim(self.core.next_warm(t), sid, meta)
-            self._claimed[t] = self._claimed.get(t, 0) + 1
-            self._last_turnover = time.monotonic()
-            fut.set_result(rec)
-
-    def _fail_waiters(self, message: str) -> None:
-        for line in self._warm_waiters.values():
-            while line:
-                fut, _, _ = line.popleft()
-                if not fut.done():
-                    fut.set_exception(CapacityError(message))
-
-    async def claim(self, name: str, session_ctx_id: Optional[str], meta: Optional[dict] = None) -> dict:
-        """Bind one named WARM container to a session (an acquire picks the container itself)."""
-        await self._ready()
-        rec = self.core.claim(name, session_ctx_id, meta)
-        self._last_turnover = time.monotonic()
-        await self._commit()
-        self._queue_attach([rec])
-        self.metrics.claims.inc()
-        return rec.model_dump(mode="json")
-
-    async def drop_warm(self, sandbox_type: str, names: Optional[list] = None, n: int = 0) -> list[str]:
-        """Release WARM containers of the type (the pool's health check and shrink): the named ones
-        that are still WARM, or else the ``n`` that became warm last. Never touches a claimed one."""
+    async def create(self, sandbox_type: Optional[str] = None, session_ctx_id: Optional[str] = None,
+                     meta: Optional[dict] = None, mount_dir: Optional[str] = None,
+                     storage_path: Optional[str] = None, environment: Optional[dict] = None,
+                     timeout: Optional[float] = None, node: Optional[str] = None) -> dict:
+        """A new sandbox started for this call (a mount dir, a storage path, a type with no pool),
+        bound to ``session_ctx_id`` (one of corral's own when None). Waits for a slot."""
         await self._ready()
         t = self.config.sandbox_type(sandbox_type).name
-        if names is None:
-            names = list(self.core.warm.get(t, {}))[-n:] if n > 0 else []
-        dropped = []
-        for name in names:
-            rec = self.core.records.get(name)
-            if rec is None or rec.state != S.WARM or rec.sandbox_type != t:
-                continue
-            td = self.core.release(name)
-            if td is not None:
-                self._send_teardown(td)
-            dropped.append(name)
+        env = check_env(environment)
+        self._check_node(node)
+        session = session_ctx_id or self.core.new_session()
+        timeout = self.config.acquire_timeout if timeout is None else timeout
+        rec = await self._reserve_wait(dict(sandbox_type=t, session_ctx_id=session, meta=meta, mount_dir=mount_dir,
+                                            storage_path=storage_path, prefer=_strict(node)), timeout)
         await self._commit()
-        self._wake_slots(len(dropped))
-        return dropped
+        rec = await self._start_and_wait(rec, env, expect_storage=False)
+        await self._commit()
+        self.outbox.put(*self.sessions.claimed([rec]))
+        return rec.model_dump(mode="json")
 
-    # -- release / reuse -------------------------------------------------------
+    # -- release, reset, teardown -------------------------------------------------
 
     async def release(self, identity: str) -> bool:
-        """Mark released now; the container's teardown finishes in the background. Unknown: True."""
-        return (await self.release_many([identity]))[0]
+        """Mark released now; the sandbox's teardown finishes in the background. Unknown: True."""
+        r = (await self.release_many([identity]))[0]
+        if isinstance(r, BaseException):
+            raise r
+        return r
 
     async def release_many(self, identities: list) -> list:
         """:meth:`release` for each identity, with one commit (a client batches concurrent releases).
-
-        The answer goes out as soon as the records are committed; teardowns and session actor
-        updates are sent right after. One answer per identity: True, or the corral error.
-        """
+        One answer per identity: True, or the corral error."""
         await self._ready()
         out: list[Any] = []
-        after = []
+        msgs = []
         for identity in identities:
             try:
                 rec = self.core.find(identity)
@@ -690,110 +547,97 @@ class RegistryActor:
             out.append(True)
             if rec is None:
                 continue
-            sid = self.core.get(rec.container_name).session_ctx_id
-            reuse = self.config.sandbox_type(rec.sandbox_type).reuse
-            td = self.core.release(identity, reuse=reuse)
-            after.append((td, sid, rec.container_name))
+            live = self.core.get(rec.container_name)
+            sid = live.session_ctx_id
+            td = self.core.release(identity, reuse=self.config.sandbox_type(live.sandbox_type).reuse)
+            if td is not None:
+                msgs.append(("teardown", td))
+            msgs.extend(self.sessions.ended(sid, live.container_name))
+            self.metrics.releases.inc()
         await self._commit()
-        if after:
-            self._last_turnover = time.monotonic()
-            fire(self._after_release(after), "teardown after release")
+        self.outbox.put(*msgs)
+        self._kick()  # a slot may have freed
         return out
 
-    async def _after_release(self, done: list) -> None:
-        await asyncio.sleep(AFTER_ANSWER)  # the answer first
-        freed = 0
-        for td, sid, name in done:
-            if td is not None:
-                freed += td.action == "destroy"
-                self._send_teardown(td)
-            await self._detach(sid, name)
-            self.metrics.releases.inc()
-        if freed:
-            self._wake_slots(freed)
+    async def _send(self, msgs: list) -> None:
+        """The outbox's sender: teardowns grouped into one call per pool and kind, session
+        messages in order."""
+        groups: dict[tuple, list[Teardown]] = {}
+        for msg in msgs:
+            kind = msg[0]
+            if kind == "teardown":
+                td: Teardown = msg[1]
+                key = (td.record.sandbox_type, self.core.node_of(td.record), td.action == "reset")
+                groups.setdefault(key, []).append(td)
+            elif kind == "remove":
+                _, name, node, cid = msg
+                pool = self.nodes.pool(self.config.default_type, node)
+                if pool is not None:
+                    fire(pool.remove([cid]), f"remove {name}")
+            else:
+                self.sessions.send(msg)
+        for (t, node, reset), tds in groups.items():
+            pool = self.nodes.pool(t, node)
+            if pool is None:  # its node is gone, and its container with it
+                continue
+            fire(self._resets(pool, tds) if reset else self._teardowns(pool, tds), f"{len(tds)} teardowns of {t}")
 
-    def _send_teardown(self, td: Teardown) -> None:
-        """Queue a teardown for its pool; the ones queued in one loop iteration go as one call."""
-        if not self._teardowns:
-            fire(self._flush_teardowns(), "send teardowns")
-        self._teardowns.setdefault(td.record.sandbox_type or self.config.default_type, []).append(td)
-
-    async def _flush_teardowns(self) -> None:
-        await asyncio.sleep(AFTER_ANSWER)
-        batches, self._teardowns = self._teardowns, {}
-        for t, tds in batches.items():
-            items = [(td.record.model_dump(mode="json"), td.action, td.upload) for td in tds]
-            fire((await self._pool_async(t)).teardown_many.remote(items), f"{len(items)} teardowns of {t}")
-
-    async def reset_done(self, name: str, ok: bool) -> Optional[dict]:
-        await self._ready()
-        rec = self.core.reset_done(name, ok)
-        if rec is not None and ok:
-            self._hand_off(rec.sandbox_type)
-        await self._commit()
-        if rec is not None and not ok:
-            self._wake_slots()
-        return rec.model_dump(mode="json") if rec is not None else None
-
-    def _pool(self, sandbox_type: Optional[str]):
-        """The type's pool actor, from what is known now. Unknown: ValueError, and a lookup by name
-        starts in the background (a GCS call: never on this event loop), which sends the pool its
-        counts once it is found."""
-        t = sandbox_type or self.config.default_type
-        h = self._pools.get(t)
-        if h is None:
-            if t not in self._pool_lookups and time.monotonic() - self._pool_missing.get(t, -1e9) > 1.0:
-                self._pool_lookups.add(t)
-                fire(self._look_up_pool(t), f"look up pool {t}")
-            raise ValueError(f"the pool of {t!r} is not known yet")
-        return h
-
-    async def _pool_async(self, sandbox_type: Optional[str]):
-        """The type's pool actor, looked up by name off the event loop if needed (ValueError: none)."""
-        t = sandbox_type or self.config.default_type
-        h = self._pools.get(t)
-        if h is None:
-            h = await asyncio.to_thread(ray.get_actor, pool_name(t), namespace=self.ns)
-            self._pools[t] = h
-        return h
-
-    async def _look_up_pool(self, t: str) -> None:
+    async def _resets(self, pool: PoolHandle, tds: list[Teardown]) -> None:
+        t0 = time.perf_counter()
+        restart = self.config.sandbox_type(pool.sandbox_type).kernel_reset == "restart"
+        items = [{"record": td.record.model_dump(mode="json"), "token": td.token, "restart_kernel": restart,
+                  "upload": td.upload} for td in tds]
         try:
-            await self._pool_async(t)
-        except ValueError:  # not running (yet): a use a second from now looks again
-            self._pool_missing[t] = time.monotonic()
-            return
-        finally:
-            self._pool_lookups.discard(t)
-        self._views_sent.pop(t, None)
-        self._views_soon()
+            results = await pool.reset(items)
+        except ActorGone:
+            results = [{"name": td.record.container_name, "ok": False} for td in tds]
+        window = self.reset_ms.setdefault(pool.sandbox_type, LatencyWindow())
+        failed = []
+        for td, r in zip(tds, results):
+            rec = self.core.reset_done(td.record.container_name, bool(r.get("ok")), td.token)
+            if r.get("ok"):
+                window.add((time.perf_counter() - t0) * 1000)
+            elif rec is not None:
+                failed.append(Teardown(td.record, "destroy"))
+        await self._commit()
+        self._hand_off(pool.sandbox_type)
+        if failed:
+            await self._teardowns(pool, failed)
+        self._kick()
+
+    async def _teardowns(self, pool: PoolHandle, tds: list[Teardown]) -> None:
+        items = [{"record": td.record.model_dump(mode="json"), "action": td.action, "upload": td.upload}
+                 for td in tds]
+        try:
+            results = await pool.teardown(items)
+        except ActorGone:
+            return  # the next reconciliation of its node removes what is left
+        for r in results:
+            if r.get("synced_at") or r.get("storage_error"):
+                self.core.synced(r["name"], r.get("synced_at"), r.get("storage_error"))
+        await self._commit()
 
     # -- reap / restore --------------------------------------------------------
 
     async def reap_session(self, session_ctx_id: str, reason: str = "heartbeat_timeout") -> bool:
-        """RUNNING -> RECYCLED for every container of the session; their containers go, records stay."""
+        """RUNNING -> RECYCLED for every sandbox of the session; their containers go, records stay."""
         await self._ready()
         names = self.core.session_names(session_ctx_id)
         if not names:
             return False
         tds = [td for td in (self.core.recycle(n, reason) for n in names) if td is not None]
         await self._commit()
-        for td in tds:
-            self._send_teardown(td)
-        self._wake_slots(len(tds))
-        await self._actor_of(session_ctx_id)
-        h = self._session_actors.pop(session_ctx_id, None)
-        self._armed_sids.discard(session_ctx_id)
-        self._armed_names.difference_update(names)
-        if h is not None:
-            fire(h.unbind.remote(), "session unbind")
-            self._spares.append(h)
+        msgs = [("teardown", td) for td in tds]
+        for n in names:
+            msgs.extend(self.sessions.ended(session_ctx_id, n))
+        self.outbox.put(*msgs)
+        self._kick()
         if tds:
             self.metrics.reaps.inc()
         return True
 
     async def restore_session(self, session_ctx_id: str) -> list[str]:
-        """Bring back every RECYCLED container of a session; concurrent calls share one restore."""
+        """Bring back every RECYCLED or LOST sandbox of a session; concurrent calls share one restore."""
         await self._ready()
         fut = self._restoring.get(session_ctx_id)
         if fut is None:
@@ -802,52 +646,132 @@ class RegistryActor:
             fut.add_done_callback(lambda _f: self._restoring.pop(session_ctx_id, None))
         return await asyncio.shield(fut)
 
-    async def _restore(self, session_ctx_id: str) -> list[str]:
-        olds = self.core.to_restore(session_ctx_id)
-        new_names = []
-        for old in olds:
-            pool = await self._pool_async(old.sandbox_type)
-            new = await pool.create.remote(
-                session_ctx_id=session_ctx_id,
+    async def _restore(self, session: str) -> list[str]:
+        restored = []
+        for old in self.core.to_restore(session):
+            node = self.core.node_of(old)
+            here = node in self.nodes.nodes and old.state == S.RECYCLED
+            synced = old.storage_synced_at is not None
+            if old.state == S.LOST and not synced:
+                logger.warning("restoring %s on another node without its workspace: it was never synced", session)
+            rec = await self._reserve_wait(dict(
+                sandbox_type=old.sandbox_type, session_ctx_id=session,
                 meta={k: v for k, v in (old.meta or {}).items() if k != "session_ctx_id"},
-                mount_dir=old.mount_dir,
-                storage_path=old.storage_path,
-                environment=None,
-                restoring=True,
-            )
-            self.core.replace(old.container_name, new["container_name"])
-            new_names.append(new["container_name"])
+                mount_dir=old.mount_dir, storage_path=old.storage_path, prefer=node if here else None,
+            ), self.config.acquire_timeout)
+            await self._commit()
+            new = await self._start_and_wait(rec, {}, expect_storage=synced and not here)
+            self.core.replace(old.container_name, new.container_name)
+            restored.append(new)
         await self._commit()
-        if new_names:
+        if restored:
+            self.outbox.put(*self.sessions.claimed(restored))
             self.metrics.restores.inc()
-        return [n for n in self.core.session_names(session_ctx_id)]
+        return self.core.session_names(session)
 
     async def heartbeat(self, session_ctx_id: str) -> bool:
         await self._ready()
-        if session_ctx_id in self._pending_actor and session_ctx_id not in self._creating:
-            return True  # its actor is promised; its clock starts with its first attach
-        h = await self._actor_of(session_ctx_id, ending=False)
-        if h is None:
-            return False
-        await h.heartbeat.remote()
-        return True
+        return await self.sessions.heartbeat(session_ctx_id)
+
+    # -- health ------------------------------------------------------------------
+
+    def _probe_all(self) -> None:
+        for info in self.nodes.nodes.values():
+            for t, pool in info.pools.items():
+                key = (t, info.node_id)
+                if key in self._probes and not self._probes[key].done():
+                    continue
+                warm = [r.model_dump(mode="json") for r in self.core.on_node(info.node_id, S.WARM)
+                        if r.sandbox_type == t]
+                if warm:
+                    self._probes[key] = fire(self._probe(pool, warm), f"probe {t}")
+
+    async def _probe(self, pool: PoolHandle, warm: list[dict]) -> None:
+        try:
+            results = await pool.probe(warm)
+        except (ActorGone, asyncio.TimeoutError):
+            return
+        tds = self.core.probed(pool.sandbox_type, results)
+        if tds:
+            for td in tds:
+                logger.warning("warm sandbox %s failed its health checks; replacing it", td.record.container_name)
+            await self._commit()
+            self.outbox.put(*[("teardown", td) for td in tds])
+            self._kick()
+
+    # -- the reference's start / stop / get_status ------------------------------
+
+    async def container_op(self, identity: str, op: str) -> str:
+        await self._ready()
+        rec = self.core.get(identity)
+        pool = self.nodes.pool(rec.sandbox_type, self.core.node_of(rec))
+        if pool is None:
+            return "missing"
+        if op == "stop":
+            self._stopped.add(rec.container_name)
+        out = await pool.container_op(op, rec.container_id, rec.runtime_token)
+        if op == "start":
+            self._stopped.discard(rec.container_name)
+            if out.get("url"):
+                self.core.moved(rec.container_name, out["url"], out.get("ports") or [])
+                await self._commit()
+        return out["status"]
+
+    # -- configuration -----------------------------------------------------------
+
+    async def configure(self, pool_size: Optional[int] = None, sandbox_types: Optional[dict] = None,
+                        max_sandbox_instances: Optional[int] = None) -> dict:
+        """Change pool targets, sandbox types or the instance limit of the running namespace
+        (kept across registry restarts). Returns the config now in force."""
+        await self._ready()
+        over: dict[str, Any] = {}
+        if pool_size is not None:
+            over["pool_size"] = pool_size
+        if max_sandbox_instances is not None:
+            over["max_sandbox_instances"] = max_sandbox_instances
+        if sandbox_types is not None:
+            over["sandbox_types"] = {**self.config.model_dump(mode="json")["sandbox_types"], **sandbox_types}
+        new = SandboxManagerEnvConfig.model_validate({**self.config.model_dump(mode="json"), **over})
+        saved = {}
+        try:
+            saved = json.loads(self._overrides_path.read_text())
+        except (OSError, ValueError):
+            pass
+        saved.update({k: new.model_dump(mode="json")[k] for k in over})
+        self._overrides_path.parent.mkdir(parents=True, exist_ok=True)
+        self._overrides_path.write_text(json.dumps(saved))
+        self.config = self.core.config = self.nodes.config = new
+        for t in new.sandbox_types:
+            self.core.pool(t).set_target(new.pool_target(t))
+        for info in self.nodes.nodes.values():
+            await self.nodes.ensure_pools(info)
+        self._kick()
+        return new.model_dump(mode="json")
+
+    async def reserve(self, sandbox_type: Optional[str], n: int, wait: bool = False, timeout: float = 120.0) -> dict:
+        """Grow a type's warm target by ``n`` ahead of a burst; with ``wait``, until that many are warm."""
+        await self._ready()
+        t = self.config.sandbox_type(sandbox_type).name
+        pool = self.core.pool(t)
+        target = pool.reserve(n)
+        self._kick()
+        if wait:
+            deadline = time.monotonic() + timeout
+            while self.core.warm_count(t) < min(target, pool.target):
+                if time.monotonic() > deadline:
+                    raise CapacityError(f"pool {t!r}: {self.core.warm_count(t)} of {target} warm after {timeout:.0f}s"
+                                        + (f" (last start failures: {pool.failures})" if pool.failures else ""))
+                await asyncio.sleep(0.05)
+        return self._pool_stats(t)
 
     # -- queries ---------------------------------------------------------------
 
     async def get_info(self, identity: str) -> dict:
+        """The record, following redirects; its token only while it is RUNNING (a sandbox that was
+        released, recycled or reset for another session gives its old holders no key)."""
         await self._ready()
-        return self.core.get(identity).model_dump(mode="json")
-
-    async def records(self, sandbox_type: Optional[str] = None, states: Optional[list[str]] = None) -> list[dict]:
-        await self._ready()
-        out = []
-        for r in self.core.records.values():
-            if sandbox_type and r.sandbox_type != sandbox_type:
-                continue
-            if states and r.state.value not in states:
-                continue
-            out.append(r.model_dump(mode="json"))
-        return out
+        rec = self.core.get(identity)
+        return self.core.dump(rec) if rec.state == S.RUNNING else rec.public()
 
     async def get_session_mapping(self, session_ctx_id: str) -> list[str]:
         await self._ready()
@@ -857,18 +781,37 @@ class RegistryActor:
         await self._ready()
         return list(self.core.sessions)
 
+    def _pool_stats(self, t: str) -> dict:
+        c = self.core
+        return {**c.pool(t).stats(), "warm": c.warm_count(t), "starting": c.count(t, S.STARTING),
+                "resetting": c.count(t, S.RESETTING), "running": c.count(t, S.RUNNING),
+                "waiting": c.lines.warm_waiting(t),
+                "reset_ms": self.reset_ms.get(t, LatencyWindow()).summary()}
+
     async def status(self) -> dict:
         await self._ready()
+        actors = await asyncio.gather(*(p.stats() for p in self.nodes.all_pools()), return_exceptions=True)
+        pools = {t: {**self._pool_stats(t), "actors": []} for t in self.config.sandbox_types}
+        for a in actors:
+            if isinstance(a, dict) and a.get("sandbox_type") in pools:
+                pools[a["sandbox_type"]]["actors"].append(a)
+        counts = self.core.node_counts()
         return {
             "namespace": self.ns,
+            "owner": self.owner,
             "counts": self.core.counts(),
             "active": self.core.counted,
             "limit": self.core.limit,
-            "waiting_for_slot": len(self._slot_waiters),
-            "waiting_for_warm": {t: len(line) for t, line in self._warm_waiters.items() if line},
+            "waiting_for_slot": len(self.core.lines.slots),
+            "waiting_for_warm": self.core.lines.counts()["warm"],
+            "starts_in_flight": len(self._dispatched),
+            "pools": pools,
+            "nodes": {v.node_id: {"address": v.address, "capacity": v.capacity, "start_limit": v.start_limit,
+                                  "active": v.active, "starting": v.starting, "states": counts.get(v.node_id, {})}
+                      for v in self._views()},
             "sessions": {sid: list(names) for sid, names in self.core.sessions.items()},
-            "session_actors": len(self._session_actors),
-            "spare_session_actors": len(self._spares),
+            "session_actors": self.sessions.stats()["bound"],
+            "spare_session_actors": self.sessions.stats()["spares"],
             "records": [r.public() for r in self.core.records.values()],
             "tick_errors": self._ticker.errors if self._ticker else 0,
             "started_at": self.started_at,
@@ -877,39 +820,83 @@ class RegistryActor:
             "lane": {"path": self._lane.path, "served": self._lane.served} if self._lane else None,
         }
 
-    async def cleanup(self) -> list[str]:
-        """Release every non-terminal container this registry knows (pools included)."""
-        await self._ready()
-        self._fail_waiters("corral is shutting down: every sandbox of this namespace is being released")
+    # -- shutting down -------------------------------------------------------------
+
+    def _release_everything(self) -> list[str]:
         names = [r.container_name for r in self.core.records.values()
                  if r.state in (S.STARTING, S.WARM, S.RUNNING, S.RESETTING)]
+        msgs = []
         for n in names:
             rec = self.core.records[n]
             sid = rec.session_ctx_id
-            td = self.core.release(n, reuse=False)
+            td = self.core.release(n, reuse=False, force=True)
             if td is not None:
-                self._send_teardown(td)
-            await self._detach(sid, n)
-        # RECYCLED sessions have no container; they are dropped from the index so nothing restores them
-        for r in self.core.by_state(S.RECYCLED):
+                msgs.append(("teardown", td))
+            msgs.extend(self.sessions.ended(sid, n))
+        # RECYCLED and LOST sessions have no container; dropped from the index so nothing restores them
+        for r in self.core.by_state(S.RECYCLED, S.LOST):
             self.core.release(r.container_name)
-        await self._commit()
-        self._wake_slots(len(names))
+        self.outbox.put(*msgs)
         return names
 
-    async def shutdown_sessions(self) -> int:
-        """Kill every session actor (spares included); used by ``corral down``."""
+    async def cleanup(self) -> list[str]:
+        """Release every non-terminal sandbox this registry knows (pools included)."""
         await self._ready()
-        hs = list(self._session_actors.values()) + self._spares
-        self._session_actors.clear()
-        self._spares.clear()
-        for h in hs:
+        for wid in self.core.lines.drain():
+            self._resolve(wid, CapacityError("corral is shutting down: every sandbox of this namespace is released"))
+        names = self._release_everything()
+        await self._commit()
+        self._kick()
+        return names
+
+    async def drain(self) -> dict:
+        """Stop starting sandboxes (the first step of ``corral down``); starts in flight finish."""
+        await self._ready()
+        self._draining = True
+        deadline = time.monotonic() + 60
+        while self._dispatched and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return {"starting": len(self._dispatched)}
+
+    async def settle(self, timeout: float = 30.0) -> int:
+        """Wait until no node holds a container of this namespace (teardowns done); returns how
+        many are left when ``timeout`` runs out."""
+        await self.outbox.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = 0
+            for info in list(self.nodes.nodes.values()):
+                try:
+                    left += len(await info.lister().list())
+                except (ActorGone, asyncio.TimeoutError):
+                    pass
+            if left == 0 or time.monotonic() > deadline:
+                return left
+            await asyncio.sleep(0.2)
+
+    async def teardown_nodes(self) -> int:
+        """Wait for the teardowns sent so far, then remove per-node resources (``corral down``)."""
+        await self.outbox.flush()
+        done = 0
+        for info in self.nodes.nodes.values():
             try:
-                ray.kill(h)
-            except Exception:
+                await info.lister().teardown_node()
+                done += 1
+            except (ActorGone, asyncio.TimeoutError):
                 pass
-        return len(hs)
+        return done
+
+    async def shutdown_sessions(self) -> int:
+        """Stop every session actor (spares included); used by ``corral down``."""
+        await self._ready()
+        return await self.sessions.stop_all()
 
     async def ping(self) -> str:
         await self._ready()
         return "ok"
+
+
+def _strict(node: Optional[str]) -> Optional[str]:
+    if not node or node == "any":
+        return None
+    return node[len("local:"):] if node.startswith("local:") else node

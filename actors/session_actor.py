@@ -29,7 +29,8 @@ from corral.client._http import tls_context
 from corral.core.session import REAP, SessionCore
 from corral.models import SandboxManagerEnvConfig
 
-from .common import REGISTRY_NAME, Ticker, set_priority
+from .common import Ticker, set_priority
+from .handles import REGISTRY_NAME
 
 __all__ = ["SessionActor"]
 

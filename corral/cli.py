@@ -65,7 +65,7 @@ async def _episode(m, i: int, calls: int) -> dict:
 
 def cmd_demo(args) -> int:
     from corral.manager import SandboxManager
-    from corral.manager.cluster import down
+    from corral.manager import down
 
     cfg = _config(args)
     cfg = cfg.model_copy(update={"pool_size": args.episodes})
@@ -115,7 +115,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from corral.manager.cluster import down
+    from corral.manager import down
 
     out = down(_config(args))
     print(f"released {len(out['released'])} sandboxes" + (":" if out["released"] else ""))

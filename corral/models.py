@@ -7,15 +7,17 @@ reference's, so records and configurations carry over unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import re
 from enum import Enum
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from corral.drivers.config import DockerDriverConfig, DriverConfig, FakeDriverConfig, ProcessDriverConfig
+from corral.drivers.config import DockerDriverConfig, DriverConfig, ProcessDriverConfig
 
 from .errors import InvalidRequest, UnknownSandboxType
 
@@ -29,8 +31,10 @@ __all__ = [
     "LABEL_MANAGED",
     "LABEL_NAME",
     "LABEL_TYPE",
-    "LABEL_SESSION",
     "LABEL_REGISTRY",
+    "LABEL_OWNER",
+    "LABEL_NODE",
+    "owner_id",
     "SESSION_ID_ALPHABET",
     "labels_for",
     "check_env",
@@ -41,10 +45,11 @@ logger = logging.getLogger(__name__)
 #: Labels corral puts on every container it starts (Docker labels; the process
 #: driver keeps them in its metadata file). The registry reconciles by them.
 LABEL_MANAGED = "corral.managed"
-LABEL_NAME = "corral.name"
+LABEL_NAME = "corral.name"  # the sandbox's name (the record key)
 LABEL_TYPE = "corral.sandbox_type"
-LABEL_SESSION = "corral.session_id"
-LABEL_REGISTRY = "corral.registry"
+LABEL_REGISTRY = "corral.registry"  # the namespace
+LABEL_OWNER = "corral.owner"  # the registry instance: its state dir and namespace (see owner_id)
+LABEL_NODE = "corral.node"  # the Ray node the sandbox was started for
 
 SESSION_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -57,6 +62,7 @@ class ContainerState(str, Enum):
     RUNNING = "RUNNING"
     RESETTING = "RESETTING"  # corral: released, being wiped for reuse (still holds its slot)
     RECYCLED = "RECYCLED"
+    LOST = "LOST"  # corral: its node died with it; restore_session brings the session back elsewhere
     REPLACED = "REPLACED"
     RELEASED = "RELEASED"
 
@@ -95,6 +101,9 @@ class ContainerModel(BaseModel):
     # corral's own
     created_at: Optional[float] = None
     rev: int = 0  # bumped by the registry on every transition
+    node_id: Optional[str] = None  # the Ray node the sandbox runs on
+    storage_synced_at: Optional[float] = None  # the last upload of its workspace that completed
+    storage_error: Optional[str] = None  # why the last upload or download failed (None: it did not)
 
     def public(self) -> dict:
         """The record without its runtime token (what `get_info` shows other callers)."""
@@ -106,7 +115,63 @@ class ContainerModel(BaseModel):
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
-class SandboxTypeConfig(BaseModel):
+def _invalid(cls: type, e: ValidationError) -> InvalidRequest:
+    lines = []
+    for err in e.errors()[:8]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        lines.append(f"{loc}: {err.get('msg', 'invalid')}")
+    more = f" (and {e.error_count() - 8} more)" if e.error_count() > 8 else ""
+    return InvalidRequest(f"invalid {cls.__name__}: " + "; ".join(lines) + more)
+
+
+_VALIDATING = contextvars.ContextVar("corral_config_validating", default=False)
+
+
+class _Config(BaseModel):
+    """A configuration model whose validation errors are :class:`corral.InvalidRequest` (one
+    exception tree), with pydantic's detail in the message. Only the outermost validation
+    converts: pydantic validates nested models through their ``__init__`` too."""
+
+    def __init__(self, /, **data: Any) -> None:
+        with _outermost() as outer:
+            try:
+                super().__init__(**data)
+            except ValidationError as e:
+                if not outer:
+                    raise
+                raise _invalid(type(self), e) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any):
+        with _outermost() as outer:
+            try:
+                return super().model_validate(obj, *args, **kwargs)
+            except ValidationError as e:
+                if not outer:
+                    raise
+                raise _invalid(cls, e) from None
+
+    @classmethod
+    def model_validate_json(cls, data: Any, *args: Any, **kwargs: Any):
+        with _outermost() as outer:
+            try:
+                return super().model_validate_json(data, *args, **kwargs)
+            except ValidationError as e:
+                if not outer:
+                    raise
+                raise _invalid(cls, e) from None
+
+
+@contextlib.contextmanager
+def _outermost():
+    token = _VALIDATING.set(True)
+    try:
+        yield token.old_value is not True
+    finally:
+        _VALIDATING.reset(token)
+
+
+class SandboxTypeConfig(_Config):
     """What a sandbox type is: its image, environment, limits and pool policy."""
 
     model_config = ConfigDict(extra="forbid")
@@ -149,7 +214,7 @@ _REDIS_KEYS = {
 }
 
 
-class SandboxManagerEnvConfig(BaseModel):
+class SandboxManagerEnvConfig(_Config):
     """The manager's configuration: the reference's fields and defaults, minus Redis.
 
     Redis settings from a reference configuration are accepted and ignored (the
@@ -161,7 +226,7 @@ class SandboxManagerEnvConfig(BaseModel):
     container_prefix_key: str = "runtime_sandbox_container_"
     file_system: Literal["local", "oss"] = "local"
     storage_folder: Optional[str] = None
-    container_deployment: Literal["process", "docker", "fake"] = "process"
+    container_deployment: Literal["process", "docker"] = "process"
     default_mount_dir: Optional[str] = "sessions_mount_dir"
     readonly_mounts: Optional[dict[str, str]] = None
     allow_mount_dir: bool = False
@@ -188,6 +253,17 @@ class SandboxManagerEnvConfig(BaseModel):
     registry_lane: bool = Field(
         True, description="Callers on the registry's node send acquires and releases over a Unix socket "
         "(~0.4 ms) instead of a Ray call (~2.5 ms); everything else goes through Ray.",
+    )
+    node_resource: Optional[str] = Field(
+        None, description="Only Ray nodes that have this custom resource (e.g. 'corral_sandbox') run "
+        "sandboxes; None: every node.",
+    )
+    max_sandboxes_per_node: Optional[int] = Field(
+        None, ge=0, le=100000, description="Sandboxes one node may hold; None: from its CPUs and memory "
+        "(32 per CPU, at most one per 256 MiB).",
+    )
+    max_starting_per_node: Optional[int] = Field(
+        None, ge=1, le=1024, description="Sandboxes one node starts at once; None: from its CPUs.",
     )
     driver: Optional[DriverConfig] = Field(
         None, description="Explicit driver settings; None = the defaults of `container_deployment`."
@@ -244,7 +320,7 @@ class SandboxManagerEnvConfig(BaseModel):
         """The driver's config: ``driver`` if given, else the defaults for ``container_deployment``."""
         if self.driver is not None:
             return self.driver
-        cls = {"process": ProcessDriverConfig, "docker": DockerDriverConfig, "fake": FakeDriverConfig}
+        cls = {"process": ProcessDriverConfig, "docker": DockerDriverConfig}
         kw = {"root": os.path.join(self.abs_state_dir(), "process")} if self.container_deployment == "process" else {}
         return cls[self.container_deployment](**kw)
 
@@ -252,14 +328,23 @@ class SandboxManagerEnvConfig(BaseModel):
         return os.path.abspath(self.state_dir)
 
 
-def labels_for(rec: "ContainerModel", registry_id: str) -> dict[str, str]:
+def owner_id(config: "SandboxManagerEnvConfig") -> str:
+    """The registry instance a state dir and namespace make: the ``corral.owner`` label of its
+    sandboxes. Reconciliation only adopts or removes containers carrying its own."""
+    import hashlib
+
+    return hashlib.sha256(f"{config.abs_state_dir()}\0{config.namespace}".encode()).hexdigest()[:16]
+
+
+def labels_for(rec: "ContainerModel", namespace: str, owner: str) -> dict[str, str]:
     """The labels a record's container carries (the registry reconciles by them)."""
     return {
         LABEL_MANAGED: "true",
         LABEL_NAME: rec.container_name,
         LABEL_TYPE: rec.sandbox_type or "",
-        LABEL_SESSION: rec.session_id,
-        LABEL_REGISTRY: registry_id,
+        LABEL_REGISTRY: namespace,
+        LABEL_OWNER: owner,
+        LABEL_NODE: rec.node_id or "",
     }
 
 

@@ -1,13 +1,13 @@
-"""Drivers start and stop sandbox containers: ``process``, ``docker``, ``fake``.
+"""Drivers start and stop sandbox containers: ``process`` and ``docker``.
 
 Import a driver through :func:`make_driver`; this package imports no backend
 library by itself.
 """
 
 from .base import BOX_PORT, ContainerHandle, ContainerSpec, Driver
-from .config import DockerDriverConfig, DriverConfig, FakeDriverConfig, ProcessDriverConfig, make_driver
+from .config import DockerDriverConfig, DriverConfig, ProcessDriverConfig, make_driver
 
 __all__ = [
     "BOX_PORT", "ContainerHandle", "ContainerSpec", "Driver", "DriverConfig",
-    "ProcessDriverConfig", "DockerDriverConfig", "FakeDriverConfig", "make_driver",
+    "ProcessDriverConfig", "DockerDriverConfig", "make_driver",
 ]

@@ -12,7 +12,8 @@ and corral's ``"missing"`` for a container the backend does not know.
 from __future__ import annotations
 
 import abc
-from typing import Optional
+import asyncio
+from typing import AsyncIterator, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,7 +55,7 @@ class ContainerHandle(BaseModel):
 
 
 class Driver(abc.ABC):
-    """Starts, stops and lists containers. Implementations: process, docker, fake."""
+    """Starts, stops and lists containers. Implementations: process, docker."""
 
     name: str = "abstract"
 
@@ -67,8 +68,8 @@ class Driver(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def start(self, container_id: str) -> None:
-        """Start a stopped container (no-op when running)."""
+    async def start(self, container_id: str, token: Optional[str] = None) -> None:
+        """Start a stopped container (no-op when running); ``token``: the box's current token."""
 
     @abc.abstractmethod
     async def stop(self, container_id: str, timeout: float = 1.0) -> None:
@@ -89,6 +90,22 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def list(self, labels: dict[str, str]) -> list[ContainerHandle]:
         """Every container carrying all of ``labels`` (running or not)."""
+
+    async def events(self, labels: dict[str, str], every: float = 1.0) -> AsyncIterator[str]:
+        """Names (the ``corral.name`` label, else the container name) of containers carrying
+        ``labels`` that stop running, as the backend notices. Runs until cancelled; raises when
+        the backend cannot be watched any more (the caller restarts it).
+
+        This default compares :meth:`list` every ``every`` seconds; a driver whose backend sends
+        events (Docker) overrides it."""
+        running: Optional[set[str]] = None
+        while True:
+            now = {h.labels.get("corral.name") or h.name for h in await self.list(labels) if h.status == "running"}
+            if running is not None:
+                for name in sorted(running - now):
+                    yield name
+            running = now
+            await asyncio.sleep(every)
 
     async def close(self) -> None:
         """Release client resources (not containers)."""

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ProcessDriverConfig", "DockerDriverConfig", "FakeDriverConfig", "DriverConfig", "make_driver"]
+__all__ = ["ProcessDriverConfig", "DockerDriverConfig", "DriverConfig", "make_driver"]
 
 
 class ProcessDriverConfig(BaseModel):
@@ -46,19 +46,12 @@ class DockerDriverConfig(BaseModel):
         "actors together): sandboxed work yields to the control plane on a busy node. None: Docker's default."))
 
 
-class FakeDriverConfig(BaseModel):
-    """In-memory containers for unit tests of the state machines. No box runs."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["fake"] = "fake"
-
-
 DriverConfig = Annotated[
-    Union[ProcessDriverConfig, DockerDriverConfig, FakeDriverConfig], Field(discriminator="type")
+    Union[ProcessDriverConfig, DockerDriverConfig], Field(discriminator="type")
 ]
 
 
-def make_driver(config: "ProcessDriverConfig | DockerDriverConfig | FakeDriverConfig"):
+def make_driver(config: "ProcessDriverConfig | DockerDriverConfig"):
     """Build the driver a config describes (lazy imports)."""
     if config.type == "process":
         from .process import ProcessDriver
@@ -68,8 +61,4 @@ def make_driver(config: "ProcessDriverConfig | DockerDriverConfig | FakeDriverCo
         from .docker import DockerDriver
 
         return DockerDriver(config)
-    if config.type == "fake":
-        from .fake import FakeDriver
-
-        return FakeDriver(config)
     raise ValueError(f"unknown driver type {config.type!r}")

@@ -56,8 +56,9 @@ import asyncio
 import contextlib
 import math
 import os
+import threading
 import time
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, TypeVar
 
 import httpx
 
@@ -405,7 +406,7 @@ class DockerDriver(Driver):
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def start(self, container_id: str) -> None:
+    async def start(self, container_id: str, token: Optional[str] = None) -> None:
         api = await self._api()
         try:
             info = await self._call(f"inspecting container {container_id}", api.inspect_container, container_id)
@@ -460,6 +461,39 @@ class DockerDriver(Driver):
             filters={"label": [f"{k}={v}" for k, v in wanted.items()]},
         )
         return [self._handle_from_list(r) for r in rows]
+
+    async def events(self, labels: dict[str, str], every: float = 1.0) -> AsyncIterator[str]:
+        """Names of corral's containers carrying ``labels`` as the engine reports them dying
+        (``die``, ``oom``, ``destroy``): a stopped sandbox is known at once, not at the next probe.
+        The engine's stream is read in a thread of its own (it blocks for its whole life)."""
+        api = await self._api()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        wanted = {**labels, LABEL_MANAGED: "true"}
+        stream = await self._call("watching the engine's events", api.events, decode=True, filters={
+            "type": ["container"], "event": ["die", "oom", "destroy"],
+            "label": [f"{k}={v}" for k, v in wanted.items()]})
+
+        def pump() -> None:
+            try:
+                for ev in stream:
+                    attrs = (ev.get("Actor") or {}).get("Attributes") or {}
+                    loop.call_soon_threadsafe(queue.put_nowait, attrs.get("corral.name") or attrs.get("name"))
+            except Exception as e:  # the engine went away: the caller is told and watches again
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, DriverError("the engine's event stream ended"))
+
+        threading.Thread(target=pump, name="corral-docker-events", daemon=True).start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise DriverError(f"watching the engine's events: {item}")
+                if item:
+                    yield item
+        finally:
+            await asyncio.to_thread(stream.close)
 
     async def close(self) -> None:
         client, self._client = self._client, None

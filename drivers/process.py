@@ -273,7 +273,7 @@ class ProcessDriver(Driver):
             raise
         return self._handle(meta, "running")
 
-    async def start(self, container_id: str) -> None:
+    async def start(self, container_id: str, token: Optional[str] = None) -> None:
         meta = self._read_meta(container_id)
         if meta is None:
             raise DriverError(f"no such container {container_id}")

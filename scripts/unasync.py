@@ -9,7 +9,9 @@ Usage::
 
 Every ``*.py`` file below a source directory (``_async/``) is rewritten line by
 line through :data:`SUBS` into the same relative path below its destination
-(``_sync/``), with a header naming its source. ``_rt.py`` files are skipped:
+(``_sync/``), with a header naming its source. Each :data:`FACADES` entry also
+gets a generated mixin with a real method per operation, sync and ``_async``
+(``SandboxManager``'s methods: ``help()``, editors and type checkers see them). ``_rt.py`` files are skipped:
 they are hand-written runtime shims (sleeping, locks) whose async and sync
 versions differ by more than tokens, so each side keeps its own.
 
@@ -21,6 +23,7 @@ without a one-token sync equivalent behind ``_rt``.
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import re
 import sys
@@ -28,12 +31,14 @@ from pathlib import Path
 
 __all__ = [
     "PAIRS",
+    "FACADES",
     "SUBS",
     "DROP_LINES",
     "SKIP_NAMES",
     "HEADER_PREFIX",
     "unasync_line",
     "unasync_text",
+    "facade_text",
     "plan",
     "run",
     "main",
@@ -45,6 +50,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PAIRS: list[tuple[str, str]] = [
     ("corral/client/_async", "corral/client/_sync"),
     ("corral/manager/_async", "corral/manager/_sync"),
+]
+
+#: (async source module, its class, the OPERATIONS tuple's module, generated mixin, mixin class):
+#: a method per operation, sync (``self._ops``) and async (``self._async_ops()``).
+FACADES: list[tuple[str, str, str, str]] = [
+    ("corral/manager/_async/ops.py", "AsyncOps", "corral/manager/_facade.py", "ManagerOperations"),
 ]
 
 #: Hand-written per side; never generated.
@@ -114,6 +125,49 @@ def unasync_text(text: str, source_label: str) -> str:
     return "".join(out)
 
 
+def _operations(tree: ast.Module) -> list[str]:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "OPERATIONS" for t in node.targets):
+            return [ast.literal_eval(e) for e in node.value.elts]
+    raise ValueError("no OPERATIONS tuple at module level")
+
+
+def facade_text(text: str, class_name: str, mixin: str, source_label: str) -> str:
+    """The mixin that gives a class a real method per operation of ``class_name`` in ``text``."""
+    tree = ast.parse(text)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    methods = {f.name: f for f in cls.body if isinstance(f, ast.AsyncFunctionDef)}
+    out = [
+        f"{HEADER_PREFIX}{source_label}; do not edit.\n",
+        f'"""{mixin}: every operation of {class_name}, as a method of the manager, sync and ``_async``.\n\n',
+        "Each forwards to the manager's operations for this thread (sync) or this event loop (async).\n",
+        '"""\n\nfrom __future__ import annotations\n\n',
+        "from typing import Any, Optional\n\n",
+        "from ._async.sandbox import AsyncSandbox\nfrom ._sync.sandbox import Sandbox\n\n",
+        f'__all__ = ["{mixin}"]\n\n\nclass {mixin}:\n',
+        f'    """The operations (generated from {class_name}; see its docstrings)."""\n\n',
+        "    __slots__ = ()\n",
+    ]
+    for name in _operations(tree):
+        f = methods[name]
+        a = f.args
+        params = [p.arg for p in a.posonlyargs + a.args][1:]
+        call = ", ".join([*params, *([f"*{a.vararg.arg}"] if a.vararg else []),
+                          *(f"{k.arg}={k.arg}" for k in a.kwonlyargs), *([f"**{a.kwarg.arg}"] if a.kwarg else [])])
+        sig = ast.unparse(a)
+        ret = f" -> {ast.unparse(f.returns)}" if f.returns else ""
+        doc = ast.get_docstring(f) or f"The {name} operation."
+        doc_lines = "\n".join(("        " + line).rstrip() for line in doc.splitlines())
+        for sync in (True, False):
+            head = (f"    def {name}({unasync_line(sig)}){unasync_line(ret)}:" if sync
+                    else f"    async def {name}_async({sig}){ret}:")
+            body = (f"        return self._ops.{name}({call})" if sync
+                    else f"        return await self._async_ops().{name}({call})")
+            out.append(f"\n{head}\n        \"\"\"{doc_lines.strip()}\n        \"\"\"\n{body}\n"
+                       if "\n" in doc else f"\n{head}\n        \"\"\"{doc}\"\"\"\n{body}\n")
+    return "".join(out)
+
+
 def _is_generated(path: Path) -> bool:
     try:
         with path.open(encoding="utf-8") as f:
@@ -147,6 +201,10 @@ def plan(pairs: list[tuple[str, str]], root: Path) -> tuple[dict[Path, str], lis
                 continue
             label = src.relative_to(root).as_posix()
             expected[dst] = unasync_text(src.read_text(encoding="utf-8"), label)
+    for src_rel, class_name, dst_rel, mixin in FACADES if pairs == PAIRS else []:
+        src = root / src_rel
+        if src.exists():
+            expected[root / dst_rel] = facade_text(src.read_text(encoding="utf-8"), class_name, mixin, src_rel)
     orphans: list[Path] = []
     for _, dst_rel in pairs:
         dst_dir = root / dst_rel

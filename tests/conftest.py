@@ -46,7 +46,7 @@ def corral_config(tmp_path):
 def make_manager(ray_cluster, corral_config):
     """Build SandboxManagers on the session's cluster; everything they started is torn down after."""
     from corral.manager import SandboxManager
-    from corral.manager.cluster import down
+    from corral.manager import down
 
     made = []
 

@@ -386,7 +386,7 @@ async def _container_memory_mib(records: list[dict]) -> Optional[float]:
 def _run_corral(p: BenchParams, system: str, workdir: str, with_direct: bool) -> dict[str, dict]:
     """One corral system (its own namespace, torn down after); with ``direct`` measured on its boxes."""
     from corral import SandboxManager
-    from corral.manager.cluster import down
+    from corral.manager import down
 
     cfg = _config(p, system, workdir)
     m = SandboxManager(cfg)

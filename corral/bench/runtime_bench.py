@@ -57,7 +57,7 @@ async def _measure_memory(m, names: list[str]) -> dict:
     """USS of the session actors and box process trees behind ``names`` (same machine)."""
     import ray
 
-    from corral.actors.common import SESSION_PREFIX
+    from corral.actors.handles import SESSION_PREFIX
 
     sess = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
@@ -113,7 +113,7 @@ async def _direct_vs_handle(sb, n: int = 50) -> dict:
 def run_mode(mode: str, workers: int, cycles: int, driver: str, quiet: bool = False, bursts: int = 3,
              kernel_reset: str = "restart") -> dict:
     from corral import SandboxManager, SandboxManagerEnvConfig, SandboxTypeConfig
-    from corral.manager.cluster import down
+    from corral.manager import down
 
     cfg = SandboxManagerEnvConfig(
         namespace=f"bench-{mode}-{uuid.uuid4().hex[:6]}",

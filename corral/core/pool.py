@@ -1,96 +1,134 @@
-"""PoolCore: one sandbox type's refill arithmetic, in plain Python.
+"""PoolCore: one sandbox type's warm target and the decisions that keep it, in plain Python.
 
-What it owns: how many containers are being started, the target size
-(``pool_size`` plus whatever ``reserve`` added ahead of a burst, consumed as
-acquires take containers) and the consecutive start failures (backoff). It
-holds a *view* of two counts the registry owns (WARM containers of the type,
-acquirers waiting for one) and of how many claims the registry has made, as
-last sent by the registry. The PoolActor wraps it and starts what
-:meth:`deficit` says through the registry and the driver.
+What it owns: the target (``pool_size`` plus what ``reserve`` added ahead of a
+burst, consumed as acquires take sandboxes), the consecutive start failures
+and the back-off they cause, when a surplus of warm sandboxes began (to shrink
+after :data:`SHRINK_AFTER`), and each warm sandbox's consecutive failed health
+probes. The registry holds one per type and asks it, in its tick, how many
+sandboxes to start, how many to drop and which sick ones to replace; the
+counts it decides from (warm, starting, resetting, waiting) are the
+registry's own and are passed in, never copied.
 
-No Ray, no I/O. Every method is O(1).
+No Ray, no I/O, an injected clock (``now`` arguments). Every method is O(1)
+but :meth:`probe`, which is O(probed).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 from corral.errors import InvalidRequest
 
-__all__ = ["PoolCore", "MAX_POOL"]
+__all__ = ["PoolCore", "MAX_POOL", "SHRINK_AFTER", "HEALTH_STRIKES"]
 
 MAX_POOL = 4096
+#: Seconds a surplus of warm sandboxes lasts before it is dropped. Reused sandboxes come back
+#: above the target at the end of a burst; dropping them at once would make the next wave cold.
+SHRINK_AFTER = 30.0
+#: Consecutive failed health probes before a warm sandbox is replaced. One slow answer on a
+#: loaded machine is not death: replacing at the first timeout adds load, which fails more probes.
+HEALTH_STRIKES = 3
+
+
+def check_size(n: object, what: str = "pool size") -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > MAX_POOL:
+        raise InvalidRequest(f"{what} must be an integer in 0..{MAX_POOL}, got {n!r}")
+    return n
 
 
 class PoolCore:
-    """Warm names, starts in flight, target and waiters of one sandbox type."""
+    """The warm target and refill decisions of one sandbox type (see the module docstring)."""
 
     def __init__(self, sandbox_type: str, target: int) -> None:
         self.sandbox_type = sandbox_type
-        self.base_target = self._check(target)
-        self.extra = 0  # added by reserve(), consumed as acquires take containers
-        self.warm = 0  # view: WARM containers of the type (the registry's count)
-        self.waiting = 0  # view: acquirers waiting for one (the registry's count)
-        self.claimed = 0  # view: claims the registry has made of this type so far
-        self.resetting_view = 0  # view: RESETTING records (released, reset not yet reported back)
-        self.starting = 0
-        self.resetting = 0  # released containers being reset: they come back warm
-        self.failures = 0  # consecutive failed starts (for backoff)
-
-    @staticmethod
-    def _check(n: int) -> int:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > MAX_POOL:
-            raise InvalidRequest(f"pool size must be an integer in 0..{MAX_POOL}, got {n!r}")
-        return n
+        self.base_target = check_size(target)
+        self.extra = 0  # added by reserve(), consumed as acquires take sandboxes
+        self.failures = 0  # consecutive failed starts
+        self.retry_at = 0.0  # no refill before this time (back-off after failures)
+        self.surplus_since: Optional[float] = None
+        self.strikes: dict[str, int] = {}  # warm sandbox -> consecutive failed probes
+        self.started_total = 0
+        self.failed_total = 0
+        self.dropped_sick = 0
 
     @property
     def target(self) -> int:
         return self.base_target + self.extra
 
     def set_target(self, n: int) -> None:
-        self.base_target = self._check(n)
+        self.base_target = check_size(n)
 
     def reserve(self, n: int) -> int:
         """Grow the warm target by ``n`` ahead of a burst; returns the new target."""
-        self.extra = self._check(self.extra + self._check(n)) if n else self.extra
+        self.extra = check_size(self.extra + check_size(n, "n"), "pool size with reservations")
         return self.target
 
-    def deficit(self) -> int:
-        """How many more starts to launch now: target and waiters, minus warm, starting and resetting
-        (a reset takes a fraction of a start's time and CPU, so it is waited for, not raced)."""
-        want = self.target + self.waiting
-        # the registry counts a release as resetting at once; the pool's own count only once the
-        # reset reaches it, and until the registry hears it is done: the larger is the truer
-        coming_back = max(self.resetting, self.resetting_view)
-        return max(0, want - self.warm - self.starting - coming_back)
+    def consumed(self, n: int) -> None:
+        """``n`` sandboxes of the type were claimed: reservations made for them are used up."""
+        self.extra = max(0, self.extra - n)
 
-    def view(self, warm: int, waiting: int, claimed: int, resetting: int = 0) -> None:
-        """The registry's counts; claims made since the last view consume reserved extra."""
-        taken = max(0, claimed - self.claimed)
-        self.extra = max(0, self.extra - taken)
-        self.warm, self.waiting, self.claimed = max(0, warm), max(0, waiting), claimed
-        self.resetting_view = max(0, resetting)
+    def deficit(self, warm: int, starting: int, resetting: int, waiting: int, now: float) -> int:
+        """How many starts to launch now: target and waiters, minus what is warm, starting or
+        coming back from a reset (a reset costs a fraction of a start, so it is waited for)."""
+        if now < self.retry_at:
+            return 0
+        return max(0, self.target + waiting - warm - starting - resetting)
 
-    def start_begun(self, n: int = 1) -> None:
-        self.starting += n
-
-    def start_ended(self, ok: bool) -> None:
-        self.starting = max(0, self.starting - 1)
-        self.failures = 0 if ok else self.failures + 1
+    def start_ended(self, ok: bool, now: float, counts: bool = True) -> None:
+        """A start finished. ``counts=False``: it failed for a reason that says nothing about
+        the type (the namespace shutting down), so it neither grows nor resets the back-off."""
+        if ok:
+            self.started_total += 1
+            self.failures = 0
+            self.retry_at = 0.0
+        elif counts:
+            self.failed_total += 1
+            self.failures += 1
+            self.retry_at = now + self.backoff()
 
     def backoff(self) -> float:
-        """Seconds to wait before the next refill after consecutive failures (0 when healthy)."""
+        """Seconds before the next refill after consecutive failures (0 when healthy)."""
         return 0.0 if self.failures == 0 else min(30.0, 0.5 * 2 ** min(self.failures - 1, 6))
 
-    def surplus(self) -> int:
-        """Warm containers beyond the target (to stop when the target shrinks)."""
-        return max(0, self.warm - self.target - self.waiting)
+    def shrink(self, warm: int, waiting: int, now: float) -> int:
+        """How many warm sandboxes to drop now: the surplus over target and waiters, once it has
+        lasted :data:`SHRINK_AFTER` seconds."""
+        surplus = max(0, warm - self.target - waiting)
+        if surplus == 0:
+            self.surplus_since = None
+            return 0
+        if self.surplus_since is None:
+            self.surplus_since = now
+            return 0
+        if now - self.surplus_since < SHRINK_AFTER:
+            return 0
+        self.surplus_since = None
+        return surplus
+
+    def probe(self, results: dict[str, bool]) -> list[str]:
+        """Fold in one health probe of the warm sandboxes (name -> answered); returns those to
+        replace. Sandboxes not probed this time are forgotten (no longer warm)."""
+        strikes = {}
+        sick = []
+        for name, ok in results.items():
+            if ok:
+                continue
+            n = self.strikes.get(name, 0) + 1
+            if n >= HEALTH_STRIKES:
+                sick.append(name)
+            else:
+                strikes[name] = n
+        self.strikes = strikes
+        self.dropped_sick += len(sick)
+        return sick
 
     def stats(self) -> dict:
         return {
             "sandbox_type": self.sandbox_type,
             "target": self.target,
-            "warm": self.warm,
-            "starting": self.starting,
-            "resetting": max(self.resetting, self.resetting_view),
-            "waiting": self.waiting,
             "failures": self.failures,
+            "backoff_s": round(self.backoff(), 2),
+            "started_total": self.started_total,
+            "failed_total": self.failed_total,
+            "dropped_unhealthy": self.dropped_sick,
         }

@@ -1,23 +1,40 @@
-"""RegistryCore: every container record and every state transition, in plain Python.
+"""RegistryCore: every sandbox record, every state transition and every decision about them.
 
-What it owns: the records (``container_name -> ContainerModel``), the session
-index (``session_ctx_id -> [container_name]``), the warm index (per sandbox
-type, the WARM names in the order they became warm: what an acquire takes) and
-the count of active (STARTING, WARM, RUNNING, RESETTING) records that
-``max_sandbox_instances`` caps. Nothing else writes a record: the RegistryActor wraps this class, runs
-one call at a time on its event loop, and carries out the decisions it returns
-(teardowns, removals) through the pool actors and the driver.
+What it owns:
 
-No Ray, no Docker, no I/O here; the clock is injected, so tests drive time.
-Transitions raise corral errors (``NotFound``, ``Conflict``) for impossible
-requests and are idempotent where Ray may retry them (releasing a released
-record, recycling a recycled one, expiring twice).
+- the records (sandbox name -> :class:`ContainerModel`), the session index
+  (session -> names), the warm index (per type, the WARM names in the order
+  they became warm: what an acquire takes), per type and state counts, and
+  per node the sandboxes it holds and the starts in flight there;
+- the count of sandboxes in counted states (STARTING, WARM, RUNNING,
+  RESETTING) that ``max_sandbox_instances`` caps;
+- the wait lines (:class:`~corral.core.lines.WaitLines`): acquirers waiting
+  for a warm sandbox, cold starts waiting for a slot;
+- one :class:`~corral.core.pool.PoolCore` per type: targets, back-off,
+  shrink and health strikes.
+
+The RegistryActor wraps this class, runs one call at a time on its event
+loop, and carries out what it decides: which waiter gets which sandbox
+(:meth:`hand_off`, :meth:`admit`), which sandboxes to start and on which node
+(:meth:`plan_starts`), what to tear down (:class:`Teardown`), what a node's
+containers mean (:meth:`reconcile`). Nothing else writes a record.
+
+No Ray, no Docker, no I/O; the clock is injected. Transitions raise corral
+errors (``NotFound``, ``Conflict``) for impossible requests and are idempotent
+where a caller may retry them (releasing a released record, recycling a
+recycled one, expiring twice).
+
+Vocabulary: a *sandbox* is one container (or process-driver box), named by its
+``container_name`` (the record key); its ``session_id`` is the reference's
+name for the random suffix of that name. A *session* is the user's
+``session_ctx_id``. A *node* is a Ray node id.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -33,56 +50,73 @@ from corral.models import (
     SandboxManagerEnvConfig,
 )
 
-__all__ = ["RegistryCore", "Teardown", "ReconcilePlan", "COUNTED_STATES", "SNAPSHOT_VERSION"]
+from .lines import SlotWaiter, WaitLines, WarmWaiter
+from .placement import NodeView, place
+from .pool import PoolCore
+
+__all__ = ["RegistryCore", "Teardown", "ReconcilePlan", "COUNTED_STATES", "SNAPSHOT_VERSION", "AUTO_SESSION_PREFIX"]
 
 S = ContainerState
 #: States that hold a slot under ``max_sandbox_instances``. RESETTING is a
 #: released sandbox being wiped for reuse: it still occupies its container.
 COUNTED_STATES = ACTIVE_STATES
+#: States whose records keep their session (RECYCLED and LOST can be restored).
+SESSION_STATES = frozenset({S.RUNNING, S.RECYCLED, S.LOST})
 SNAPSHOT_VERSION = 1
+#: Sessions corral makes for sandboxes created without one, so every sandbox has a clock.
+AUTO_SESSION_PREFIX = "auto-"
 
 
 def _snapshot(rec: ContainerModel) -> ContainerModel:
     """The record as it is now, for a teardown. Shallow, with its own ``meta`` and ``ports``: the
-    registry assigns new values rather than mutating these in place (~2 us; a deep copy took ~13)."""
+    core assigns new values to those rather than mutating them, so sharing the rest is safe."""
     return rec.model_copy(update={"meta": dict(rec.meta or {}), "ports": list(rec.ports or [])})
 
 
 @dataclass
 class Teardown:
-    """What the shell must do with a container after a transition."""
+    """What the shell must do with a sandbox after a transition."""
 
     record: ContainerModel
-    action: str  # "destroy" (stop + remove), "reset" (wipe and return to WARM), "recycle" (remove, keep workspace)
+    action: str  # "destroy" (stop + remove), "reset" (wipe, back to WARM), "recycle" (remove, keep workspace)
     upload: bool = False  # sync the workspace to storage first
+    token: Optional[str] = None  # reset: the token the box takes once clean (the old one stops working)
 
 
 @dataclass
 class ReconcilePlan:
-    """Differences between the records and the containers the driver reports."""
+    """What one node's containers mean next to the records."""
 
     adopted: list[str] = field(default_factory=list)  # known records whose container is there
     remove: list[str] = field(default_factory=list)  # container ids to remove (no live record)
-    lost: list[str] = field(default_factory=list)  # records whose container vanished (now RECYCLED or dropped)
+    lost: list[str] = field(default_factory=list)  # records whose container vanished
 
 
 class RegistryCore:
-    """The record table and its state machine (see the module docstring)."""
+    """The record table, its state machine and its decisions (see the module docstring)."""
 
     def __init__(
         self,
         config: SandboxManagerEnvConfig,
         clock: Callable[[], float] = time.time,
         registry_id: str = "corral",
+        node: str = "",
     ) -> None:
         self.config = config
         self.clock = clock
         self.registry_id = registry_id
+        self.node = node  # the node of records that name none (written before nodes were recorded)
         self.records: dict[str, ContainerModel] = {}
         self.sessions: dict[str, list[str]] = {}
         self.counted = 0
-        self.warm: dict[str, dict[str, None]] = {}  # sandbox_type -> WARM names, oldest first
+        self.warm: dict[str, OrderedDict[str, None]] = {}  # sandbox_type -> WARM names, oldest first
         self._counts: dict[tuple[str, str], int] = {}  # (sandbox_type, state) -> records
+        self._node_active: dict[str, int] = {}  # node -> records in counted states
+        self._node_starting: dict[str, int] = {}  # node -> STARTING records
+        self.lines = WaitLines()
+        self.pools: dict[str, PoolCore] = {
+            t: PoolCore(t, config.pool_target(t)) for t in config.sandbox_types
+        }
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
         self._dumps: dict[str, dict] = {}  # name -> the JSON dict written by the last commit
@@ -120,15 +154,27 @@ class RegistryCore:
             rec = nxt
         return rec
 
-    def session_names(self, session_ctx_id: str) -> list[str]:
-        return list(self.sessions.get(session_ctx_id, []))
+    def session_names(self, session: str) -> list[str]:
+        return list(self.sessions.get(session, []))
 
     def by_state(self, *states) -> list[ContainerModel]:
         return [r for r in self.records.values() if r.state in states]
 
-    def next_warm(self, sandbox_type: str) -> Optional[str]:
-        """The WARM container of the type that has waited longest (None when none is warm)."""
-        return next(iter(self.warm.get(sandbox_type, ())), None)
+    def node_of(self, rec: ContainerModel) -> str:
+        return rec.node_id or self.node
+
+    def next_warm(self, sandbox_type: str, node: Optional[str] = None, strict: bool = False) -> Optional[str]:
+        """The WARM sandbox of the type that has waited longest; on ``node`` first when given (only
+        there when ``strict``). None when none fits."""
+        names = self.warm.get(sandbox_type)
+        if not names:
+            return None
+        if node is None:
+            return next(iter(names))
+        for name in names:
+            if self.node_of(self.records[name]) == node:
+                return name
+        return None if strict else next(iter(names))
 
     def warm_count(self, sandbox_type: str) -> int:
         return len(self.warm.get(sandbox_type, ()))
@@ -137,36 +183,51 @@ class RegistryCore:
         """Records of the type in the state (kept as transitions happen: O(1))."""
         return self._counts.get((sandbox_type, ContainerState(state).value), 0)
 
-    def _tally(self, rec: ContainerModel, state, n: int) -> None:
-        key = (rec.sandbox_type or self.config.default_type, ContainerState(state).value)
-        self._counts[key] = self._counts.get(key, 0) + n
+    def node_active(self, node: str) -> int:
+        return self._node_active.get(node, 0)
+
+    def node_starting(self, node: str) -> int:
+        return self._node_starting.get(node, 0)
+
+    def on_node(self, node: str, *states) -> list[ContainerModel]:
+        return [r for r in self.records.values() if self.node_of(r) == node and (not states or r.state in states)]
 
     # -- internal --------------------------------------------------------------
 
-    def _index_warm(self, rec: ContainerModel, warm: bool) -> None:
-        names = self.warm.setdefault(rec.sandbox_type or self.config.default_type, {})
-        if warm:
-            names[rec.container_name] = None
-        else:
-            names.pop(rec.container_name, None)
+    def _tally(self, rec: ContainerModel, state, n: int) -> None:
+        st = ContainerState(state)
+        key = (rec.sandbox_type or self.config.default_type, st.value)
+        self._counts[key] = self._counts.get(key, 0) + n
+        node = self.node_of(rec)
+        if st in COUNTED_STATES:
+            self.counted += n
+            self._node_active[node] = self._node_active.get(node, 0) + n
+        if st == S.STARTING:
+            self._node_starting[node] = self._node_starting.get(node, 0) + n
+        if st == S.WARM:
+            names = self.warm.setdefault(rec.sandbox_type or self.config.default_type, OrderedDict())
+            if n > 0:
+                names[rec.container_name] = None
+            else:
+                names.pop(rec.container_name, None)
 
     def _set_state(self, rec: ContainerModel, new) -> None:
-        was = rec.state in COUNTED_STATES
-        now_counted = new in COUNTED_STATES
-        if (rec.state == S.WARM) != (new == S.WARM):
-            self._index_warm(rec, new == S.WARM)
         self._tally(rec, rec.state, -1)
         self._tally(rec, new, 1)
         rec.state = new
         rec.updated_at = self.clock()
         rec.rev += 1
-        self.counted += int(now_counted) - int(was)
         self._dirty.add(rec.container_name)
 
-    def _bind_session(self, rec: ContainerModel, session_ctx_id: str) -> None:
-        rec.session_ctx_id = session_ctx_id
-        rec.meta = {**(rec.meta or {}), "session_ctx_id": session_ctx_id}
-        names = self.sessions.setdefault(session_ctx_id, [])
+    def _touch(self, rec: ContainerModel) -> None:
+        rec.updated_at = self.clock()
+        rec.rev += 1
+        self._dirty.add(rec.container_name)
+
+    def _bind_session(self, rec: ContainerModel, session: str) -> None:
+        rec.session_ctx_id = session
+        rec.meta = {**(rec.meta or {}), "session_ctx_id": session}
+        names = self.sessions.setdefault(session, [])
         if rec.container_name not in names:
             names.append(rec.container_name)
 
@@ -187,13 +248,13 @@ class RegistryCore:
         if rec is not None:
             self._dirty.discard(name)
             self._deleted.add(name)
-            if rec.state in COUNTED_STATES:
-                self.counted -= 1
-            if rec.state == S.WARM:
-                self._index_warm(rec, False)
             self._tally(rec, rec.state, -1)
             if rec.session_ctx_id and rec.container_name in self.sessions.get(rec.session_ctx_id, []):
                 self._unbind_session(rec)
+
+    def new_session(self) -> str:
+        """A session for a sandbox created without one: it gets a clock like every other."""
+        return AUTO_SESSION_PREFIX + self._uuid.random(16)
 
     # -- transitions -----------------------------------------------------------
 
@@ -206,11 +267,12 @@ class RegistryCore:
         mount_dir: Optional[str] = None,
         storage_path: Optional[str] = None,
         version: Optional[str] = None,
+        node: Optional[str] = None,
     ) -> Optional[ContainerModel]:
-        """none -> STARTING: a slot and a name for a container about to be created.
+        """none -> STARTING: a slot and a name for a sandbox about to be started on ``node``.
 
-        Returns None when ``max_sandbox_instances`` is reached (the shell queues
-        the caller). The slot is held until :meth:`started` or :meth:`start_failed`.
+        Returns None when ``max_sandbox_instances`` is reached. The slot is held until
+        :meth:`started` or :meth:`start_failed`.
         """
         t = self.config.sandbox_type(sandbox_type)
         if not self.has_capacity():
@@ -235,9 +297,9 @@ class RegistryCore:
             state=S.STARTING,
             created_at=now,
             updated_at=now,
+            node_id=node or self.node or None,
         )
         self.records[name] = rec
-        self.counted += 1
         self._tally(rec, S.STARTING, 1)
         self._dirty.add(name)
         if session_ctx_id:
@@ -248,7 +310,7 @@ class RegistryCore:
         """STARTING -> WARM (no session) or RUNNING (bound to a session)."""
         rec = self.records.get(name)
         if rec is None or rec.state != S.STARTING:
-            raise Conflict(f"{name} is not starting (state {rec.state if rec else 'unknown'})")
+            raise Conflict(f"{name} is not starting (state {rec.state.value if rec else 'unknown'})")
         rec.container_id = container_id
         rec.url = url
         rec.ports = list(ports)
@@ -257,28 +319,42 @@ class RegistryCore:
             self._set_state(rec, S.RUNNING)
         else:
             self._set_state(rec, S.WARM)
+        self.pool(rec.sandbox_type).start_ended(True, self.clock())
         return rec
 
     def moved(self, name: str, url: Optional[str], ports: Iterable) -> Optional[ContainerModel]:
-        """The container was started again and its box answers elsewhere (Docker picks a new host port)."""
+        """The sandbox was started again and its box answers elsewhere (Docker picks a new host port)."""
         rec = self.records.get(name)
         if rec is None or (rec.url == url and list(rec.ports) == list(ports)):
             return rec
         rec.url = url
         rec.ports = list(ports)
-        rec.updated_at = self.clock()
-        rec.rev += 1
-        self._dirty.add(name)
+        self._touch(rec)
         return rec
 
-    def start_failed(self, name: str) -> None:
-        """STARTING -> gone: frees the slot (idempotent)."""
+    def synced(self, name: str, at: Optional[float], error: Optional[str]) -> Optional[ContainerModel]:
+        """The outcome of a workspace upload: when it completed, or why it failed (kept on the
+        record, so ``get_info`` says so and a restore knows what to expect)."""
         rec = self.records.get(name)
-        if rec is not None and rec.state == S.STARTING:
-            self._drop(name)
+        if rec is None:
+            return None
+        if at:
+            rec.storage_synced_at = at
+        rec.storage_error = error
+        self._touch(rec)
+        return rec
+
+    def start_failed(self, name: str, counts: bool = True) -> Optional[ContainerModel]:
+        """STARTING -> gone: frees the slot (idempotent). ``counts``: see :meth:`PoolCore.start_ended`."""
+        rec = self.records.get(name)
+        if rec is None or rec.state != S.STARTING:
+            return None
+        self.pool(rec.sandbox_type).start_ended(False, self.clock(), counts)
+        self._drop(name)
+        return rec
 
     def claim(self, name: str, session_ctx_id: Optional[str], meta: Optional[dict] = None) -> ContainerModel:
-        """WARM -> RUNNING for a session (or stays WARM-but-taken when no session is given).
+        """WARM -> RUNNING for a session (one of corral's own when none is given).
 
         Idempotent under retries: claiming a RUNNING record for the same session returns it.
         """
@@ -288,51 +364,54 @@ class RegistryCore:
         if rec.state == S.RUNNING and rec.session_ctx_id == session_ctx_id:
             return rec
         if rec.state != S.WARM:
-            raise Conflict(f"{name} is {rec.state.value if hasattr(rec.state, 'value') else rec.state}, not WARM")
+            raise Conflict(f"{name} is {rec.state.value}, not WARM")
         rec.meta = {**(rec.meta or {}), **(meta or {})}
         rec.recycled_at = None
         rec.recycle_reason = None
         rec.last_active_at = self.clock()
-        if session_ctx_id:
-            self._bind_session(rec, session_ctx_id)
+        self._bind_session(rec, session_ctx_id or self.new_session())
         self._set_state(rec, S.RUNNING)
+        self.pool(rec.sandbox_type).consumed(1)
         return rec
 
-    def release(self, identity: str, reuse: bool = False) -> Optional[Teardown]:
+    def release(self, identity: str, reuse: bool = False, force: bool = False) -> Optional[Teardown]:
         """any -> RELEASED (or RESETTING when the type reuses sandboxes).
 
         Unknown identity or already released: None (nothing to do), like the
-        reference, which answers True for an unknown identity.
+        reference, which answers True for an unknown identity. A sandbox being reset is left to
+        its reset, unless ``force`` (the namespace shutting down): then it is destroyed.
         """
         rec = self.find(identity)
         if rec is None:
             return None
-        rec = self.get(rec.container_name)  # follow a redirect to the live container
-        if rec.state in (S.RELEASED, S.REPLACED, S.RESETTING):
+        rec = self.get(rec.container_name)  # follow a redirect to the live sandbox
+        if rec.state in (S.RELEASED, S.REPLACED) or (rec.state == S.RESETTING and not force):
             return None
-        had_container = rec.state in (S.WARM, S.RUNNING, S.STARTING)
+        had_container = rec.state in (S.WARM, S.RUNNING, S.STARTING, S.RESETTING)
         upload = bool(rec.mount_dir and rec.storage_path and rec.state == S.RUNNING)
         self._unbind_session(rec)
-        now = self.clock()
         if reuse and rec.state == S.RUNNING:
             self._set_state(rec, S.RESETTING)
-            return Teardown(_snapshot(rec), "reset", upload)
+            # the next session gets a new token: whoever held this sandbox keeps no key to it
+            return Teardown(_snapshot(rec), "reset", upload, token=secrets.token_hex(16))
         self._set_state(rec, S.RELEASED)
-        rec.released_at = now
+        rec.released_at = self.clock()
         rec.recycled_at = None
         rec.recycle_reason = None
         if not had_container:
-            return None  # a RECYCLED record has no container left
+            return None  # a RECYCLED or LOST record has no container left
         return Teardown(_snapshot(rec), "destroy", upload)
 
-    def reset_done(self, name: str, ok: bool) -> Optional[ContainerModel]:
-        """RESETTING -> WARM (back in the pool) or RELEASED (the reset failed; destroy it)."""
+    def reset_done(self, name: str, ok: bool, token: Optional[str] = None) -> Optional[ContainerModel]:
+        """RESETTING -> WARM with its new token (back in the pool), or RELEASED (the reset failed)."""
         rec = self.records.get(name)
         if rec is None or rec.state != S.RESETTING:
             return None
         if ok:
             rec.meta = {}
             rec.last_active_at = None
+            if token:
+                rec.runtime_token = token
             self._set_state(rec, S.WARM)
         else:
             rec.released_at = self.clock()
@@ -344,28 +423,27 @@ class RegistryCore:
         rec = self.records.get(name)
         if rec is None or rec.state != S.RUNNING:
             return None
-        now = self.clock()
-        rec.recycled_at = now
+        rec.recycled_at = self.clock()
         rec.recycle_reason = reason
         self._set_state(rec, S.RECYCLED)
         return Teardown(_snapshot(rec), "recycle", bool(rec.mount_dir and rec.storage_path))
 
-    def to_restore(self, session_ctx_id: str) -> list[ContainerModel]:
-        """The RECYCLED records of a session (what a restore must bring back)."""
+    def to_restore(self, session: str) -> list[ContainerModel]:
+        """The RECYCLED and LOST records of a session (what a restore must bring back)."""
         return [
-            self.records[n] for n in self.sessions.get(session_ctx_id, [])
-            if n in self.records and self.records[n].state == S.RECYCLED
+            self.records[n] for n in self.sessions.get(session, [])
+            if n in self.records and self.records[n].state in (S.RECYCLED, S.LOST)
         ]
 
     def replace(self, old_name: str, new_name: str) -> ContainerModel:
-        """RECYCLED -> REPLACED, pointing at the new container (get_info and release follow it)."""
+        """RECYCLED/LOST -> REPLACED, pointing at the new sandbox (get_info and release follow it)."""
         old = self.records.get(old_name)
         if old is None:
             raise NotFound(f"no sandbox named {old_name!r}")
         if old.state == S.REPLACED and old.redirect_to == new_name:
             return old
-        if old.state != S.RECYCLED:
-            raise Conflict(f"{old_name} is {old.state}, not RECYCLED")
+        if old.state not in (S.RECYCLED, S.LOST):
+            raise Conflict(f"{old_name} is {old.state.value}, not RECYCLED")
         sid = old.session_ctx_id
         self._unbind_session(old)
         old.session_ctx_id = sid  # kept for the record, no longer indexed
@@ -391,35 +469,184 @@ class RegistryCore:
                     gone.append(name)
         return gone
 
-    def mark_lost(self, name: str) -> Optional[Teardown]:
-        """A container vanished under a live record: RUNNING -> RECYCLED (restorable), else dropped."""
+    def mark_lost(self, name: str, reason: str = "container_lost") -> Optional[Teardown]:
+        """A container vanished under a live record: RUNNING -> RECYCLED (restorable, its workspace
+        is still on this node), WARM/RESETTING -> dropped."""
         rec = self.records.get(name)
         if rec is None:
             return None
         if rec.state == S.RUNNING:
-            return self.recycle(name, reason="container_lost")
-        if rec.state in (S.WARM, S.STARTING, S.RESETTING):
+            return self.recycle(name, reason=reason)
+        if rec.state in (S.WARM, S.RESETTING):
             self._drop(name)
         return None
 
+    def node_lost(self, node: str) -> list[ContainerModel]:
+        """A node died: its sessions' sandboxes go LOST (restorable elsewhere, reason NODE_LOST),
+        the rest of its live records are dropped. Starts in flight there are failed by the
+        shell (their calls fail), not here."""
+        out = []
+        now = self.clock()
+        for rec in self.on_node(node, S.WARM, S.RUNNING, S.RESETTING, S.RECYCLED):
+            if rec.state in (S.RUNNING, S.RECYCLED) and rec.session_ctx_id:
+                rec.recycled_at = rec.recycled_at or now
+                rec.recycle_reason = "NODE_LOST"
+                self._set_state(rec, S.LOST)
+                out.append(rec)
+            else:
+                self._drop(rec.container_name)
+        return out
+
+    # -- acquire: claims, waiters and hand-off -----------------------------------
+
+    def acquire(self, sandbox_type: str, requests: list[dict]) -> list[Optional[ContainerModel]]:
+        """Claim a warm sandbox for each request (``{"session_ctx_id", "meta", "node"}``) while
+        nobody waits for one of the type; None for those that must wait (or give up)."""
+        out: list[Optional[ContainerModel]] = []
+        for req in requests:
+            rec = None
+            if not self.lines.warm_waiting(sandbox_type):
+                node, strict = _node_pref(req.get("node"))
+                name = self.next_warm(sandbox_type, node, strict)
+                if name is not None:
+                    rec = self.claim(name, req.get("session_ctx_id"), req.get("meta"))
+            out.append(rec)
+        return out
+
+    def wait_warm(self, wid: int, sandbox_type: str, req: dict) -> None:
+        self.lines.wait_warm(WarmWaiter(wid, sandbox_type, req.get("session_ctx_id"), req.get("meta"),
+                                        req.get("node")))
+
+    def hand_off(self, sandbox_type: str) -> list[tuple[int, ContainerModel]]:
+        """Warm sandboxes of the type go to its waiters, longest first; a waiter pinned to a node
+        with none warm there keeps its place while later waiters are served."""
+        out = []
+        line = self.lines.warm.get(sandbox_type)
+        if not line or not self.warm_count(sandbox_type):
+            return out
+        for waiter in list(line.values()):
+            if not self.warm_count(sandbox_type):
+                break
+            node, strict = _node_pref(waiter.node)
+            name = self.next_warm(sandbox_type, node, strict)
+            if name is None:
+                continue
+            del line[waiter.wid]
+            out.append((waiter.wid, self.claim(name, waiter.session, waiter.meta)))
+        return out
+
+    def wait_slot(self, wid: int, request: dict) -> None:
+        """A cold start (``request``: the keyword arguments of :meth:`reserve`) waits for a slot."""
+        self.lines.wait_slot(SlotWaiter(wid, request))
+
+    def admit(self, nodes: list[NodeView]) -> list[tuple[int, ContainerModel]]:
+        """Slot waiters get STARTING records while there is capacity, first come first, each on
+        the node its request names (``prefer``: that node while it has room, else any)."""
+        views = {v.node_id: v for v in nodes}
+        out = []
+        while self.lines.slots and self.has_capacity():
+            waiter = self.lines.head_slot()
+            req = dict(waiter.request)
+            t = req.pop("sandbox_type")
+            prefer = req.pop("prefer", None)
+            chosen = place(1, views.values(), prefer=prefer)
+            if not chosen:
+                break  # every node is full or busy starting: the line waits for the next tick
+            self.lines.pop_slot()
+            rec = self.reserve(t, node=chosen[0], **req)
+            views[chosen[0]].active += 1
+            views[chosen[0]].starting += 1
+            out.append((waiter.wid, rec))
+        return out
+
+    # -- pools: refill, shrink, health ------------------------------------------
+
+    def pool(self, sandbox_type: Optional[str]) -> PoolCore:
+        t = sandbox_type or self.config.default_type
+        p = self.pools.get(t)
+        if p is None:
+            p = self.pools[t] = PoolCore(t, self.config.pool_target(t) if t in self.config.sandbox_types else 0)
+        return p
+
+    def plan_starts(self, nodes: list[NodeView], now: float) -> list[ContainerModel]:
+        """STARTING records for every type's deficit, placed on ``nodes`` (views this call updates
+        as it places). Cold starts waiting for a slot go first: call :meth:`admit` before."""
+        out = []
+        if self.lines.slots:
+            return out  # a slot that frees goes to the line, not to a refill
+        views = {v.node_id: v for v in nodes}
+        for t, pool in self.pools.items():
+            if t not in self.config.sandbox_types or now < pool.retry_at:
+                continue
+            # waiters pinned to a node are served by starts on that node; the rest by placement
+            need: dict[str, int] = {}
+            for w in self.lines.warm.get(t, {}).values():
+                node, strict = _node_pref(w.node)
+                if strict and node in views:
+                    need[node] = need.get(node, 0) + 1
+            chosen: list[str] = []
+            for node, k in need.items():
+                coming = sum(1 for r in self.on_node(node, S.WARM, S.STARTING, S.RESETTING) if r.sandbox_type == t)
+                for _ in range(max(0, k - coming)):
+                    v = views[node]
+                    if v.free > 0 and v.start_slots > 0:
+                        chosen.append(node)
+                        v.active += 1
+                        v.starting += 1
+            n = pool.deficit(self.warm_count(t), self.count(t, S.STARTING),
+                             self.count(t, S.RESETTING), self.lines.warm_waiting(t) - sum(need.values()), now)
+            for nid in place(n, views.values()):
+                views[nid].active += 1
+                views[nid].starting += 1
+                chosen.append(nid)
+            for nid in chosen:
+                rec = self.reserve(t, node=nid)
+                if rec is None:  # at max_sandbox_instances
+                    return out
+                out.append(rec)
+        return out
+
+    def plan_shrink(self, now: float) -> list[Teardown]:
+        """Warm sandboxes beyond the target (once the surplus has lasted), newest first."""
+        out = []
+        for t, pool in self.pools.items():
+            n = pool.shrink(self.warm_count(t), self.lines.warm_waiting(t), now)
+            for name in list(self.warm.get(t, {}))[-n:] if n > 0 else []:
+                td = self.release(name)
+                if td is not None:
+                    out.append(td)
+        return out
+
+    def probed(self, sandbox_type: str, results: dict[str, bool]) -> list[Teardown]:
+        """Fold in a health probe of the type's warm sandboxes; teardowns of the sick ones."""
+        out = []
+        for name in self.pool(sandbox_type).probe(results):
+            rec = self.records.get(name)
+            if rec is not None and rec.state == S.WARM:
+                td = self.release(name)
+                if td is not None:
+                    out.append(td)
+        return out
+
     # -- reconciliation --------------------------------------------------------
 
-    def reconcile(self, observed: list[dict], booting: bool = False) -> ReconcilePlan:
-        """Compare records with the containers the driver reports (dicts with
-        ``container_id``, ``name``, ``status``, ``labels``). Decide only: adopt
-        what is known, remove what is not, mark records whose container is gone.
-
-        At boot, STARTING records were cut off mid-create by the restart: their
-        containers are removed and the records dropped. In a periodic tick they
-        are creates in flight, and both are left alone.
-        """
+    def reconcile(self, node: str, observed: list[dict], in_flight: Iterable[str] = ()) -> ReconcilePlan:
+        """Compare the records of ``node`` with the containers its driver reports (dicts with
+        ``container_id``, ``name``, ``status``, ``labels``). Adopt what is known, remove what is
+        not, mark live records whose container is gone. A STARTING record is left alone while its
+        start is ``in_flight`` (the pool is making it); otherwise its start was cut off (a
+        restart), its container, if any, is removed and the record dropped."""
         plan = ReconcilePlan()
+        flying = set(in_flight)
         seen: set[str] = set()
         for c in observed:
             labels = c.get("labels") or {}
             name = labels.get(LABEL_NAME) or c.get("name")
             rec = self.records.get(name) if name else None
-            if rec is not None and rec.state == S.STARTING and not booting:
+            if rec is not None and self.node_of(rec) != node:
+                rec = None  # a container of another node's record: that record is not this one
+            if rec is not None and rec.state == S.STARTING and name in flying:
+                seen.add(name)
                 continue
             live = rec is not None and rec.state in (S.WARM, S.RUNNING, S.RESETTING)
             if live and c.get("status") == "running":
@@ -430,12 +657,15 @@ class RegistryCore:
                     self._dirty.add(name)
             else:
                 plan.remove.append(c["container_id"])
-        for name, rec in list(self.records.items()):
+        for rec in self.on_node(node, S.STARTING, S.WARM, S.RUNNING, S.RESETTING):
+            name = rec.container_name
+            if name in seen:
+                continue
             if rec.state == S.STARTING:
-                if booting:
-                    self._drop(name)
+                if name not in flying:
+                    self.start_failed(name, counts=False)
                     plan.lost.append(name)
-            elif rec.state in (S.WARM, S.RUNNING, S.RESETTING) and name not in seen:
+            else:
                 self.mark_lost(name)
                 plan.lost.append(name)
         return plan
@@ -482,23 +712,40 @@ class RegistryCore:
         self.sessions.clear()
         self.warm.clear()
         self._counts.clear()
+        self._node_active.clear()
+        self._node_starting.clear()
         self.counted = 0
         for raw in sorted(raws, key=lambda r: r.get("updated_at") or 0):
             rec = ContainerModel.model_validate(raw)
             self.records[rec.container_name] = rec
-            if rec.state in COUNTED_STATES:
-                self.counted += 1
-            if rec.state == S.WARM:
-                self._index_warm(rec, True)
             self._tally(rec, rec.state, 1)
-            if rec.session_ctx_id and rec.state in (S.RUNNING, S.RECYCLED):
+            if rec.session_ctx_id and rec.state in SESSION_STATES:
                 self.sessions.setdefault(rec.session_ctx_id, []).append(rec.container_name)
 
     # -- views -----------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for r in self.records.values():
-            k = r.state.value if hasattr(r.state, "value") else str(r.state)
-            out[k] = out.get(k, 0) + 1
+        for (_, state), n in self._counts.items():
+            if n:
+                out[state] = out.get(state, 0) + n
         return out
+
+    def node_counts(self) -> dict[str, dict[str, int]]:
+        """Per node, records by state (``status()``)."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.records.values():
+            if r.state in COUNTED_STATES or r.state in (S.RECYCLED, S.LOST):
+                d = out.setdefault(self.node_of(r), {})
+                d[r.state.value] = d.get(r.state.value, 0) + 1
+        return out
+
+
+def _node_pref(node: Optional[str]) -> tuple[Optional[str], bool]:
+    """(node to look on first, only there?) for a request's ``node``: None or "any" -> anywhere;
+    "local:<id>" -> that node first, then anywhere; a node id -> only there."""
+    if not node or node == "any":
+        return None, False
+    if node.startswith("local:"):
+        return node[len("local:"):] or None, False
+    return node, True

@@ -1,25 +1,41 @@
-"""Joining Ray and finding (or starting) corral's actors.
+"""Joining Ray and finding corral's registry; owning a Ray cluster corral started.
 
-What it owns: the decision to join a running Ray cluster or start a local one,
-and the handles of the RegistryActor and one PoolActor per sandbox type, all
-in one Ray namespace. The first process to start the actors fixes their
-configuration; later processes with the same namespace join them (a changed
-``pool_size`` is applied to the running pools).
+What it owns: the decision of which Ray cluster serves this process (a given
+address, ``RAY_ADDRESS``, the cluster recorded in the state dir, a ``ray start``
+head on this machine, or a new local one), and the handle of one namespace's
+RegistryActor. The first process to start a namespace fixes its configuration;
+later ones join it and change nothing (a config that differs is reported, not
+applied; ``configure`` changes it on purpose).
+
+When this process started the Ray cluster itself (*embedded*), it owns what
+runs there: :class:`Ownership` releases every sandbox of the namespaces it
+served and removes them before Ray goes down, on normal exit, on an exception,
+on SIGTERM, SIGINT and SIGHUP, and when a notebook kernel shuts down. An owner
+killed with SIGKILL leaves a record in the state dir; the next start on that
+state dir removes what it left at once.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
-from dataclasses import dataclass, field
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import ray
 
-from corral.errors import InvalidRequest, NotFound
+from corral.errors import InvalidRequest, SandboxError
 from corral.models import SandboxManagerEnvConfig
+from corral.statedir import ClusterRecord, cluster_lock
 
-__all__ = ["Cluster", "connect", "down", "resolve_paths", "ensure_ray"]
+from . import _errors
+
+__all__ = ["Cluster", "connect", "resolve_paths", "ensure_ray", "config_differences", "this_node", "OWNERSHIP"]
 
 logger = logging.getLogger("corral")
 
@@ -38,13 +54,43 @@ def resolve_paths(config: SandboxManagerEnvConfig) -> SandboxManagerEnvConfig:
     return config.model_copy(update=upd)
 
 
-def ensure_ray(address: Optional[str] = None, namespace: str = "corral") -> None:
-    """Join a Ray cluster, or start a local one.
+def _answers(address: Optional[str], timeout: float = 2.0) -> bool:
+    """Whether something listens at a Ray GCS ``host:port``."""
+    if not address or ":" not in address:
+        return False
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
-    Joins ``address``, else ``RAY_ADDRESS``, else the cluster ``ray start``
-    recorded on this machine (``/tmp/ray/ray_current_cluster``); otherwise it
-    starts a local cluster. It never joins "whichever Ray processes happen to
-    run here". Already connected to another cluster than ``address``: an error.
+
+def _ray_head_on_this_machine() -> Optional[str]:
+    """The address ``ray start --head`` recorded on this machine, if any."""
+    path = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp/ray"), "ray_current_cluster")
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _init(address: Optional[str], namespace: str) -> None:
+    kw = dict(namespace=namespace, ignore_reinit_error=True, log_to_driver=False)
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(address="local", include_dashboard=False, **kw)
+
+
+def ensure_ray(address: Optional[str], config: SandboxManagerEnvConfig) -> tuple[bool, bool]:
+    """Join a Ray cluster, or start one; returns (this process owns it, sweep what a dead owner left).
+
+    Joins ``address``, else ``RAY_ADDRESS``, else the live cluster recorded in the state dir,
+    else a live ``ray start`` head on this machine; otherwise it starts a local cluster that
+    this process owns. A recorded cluster that does not answer is stale: said so, and passed
+    over. Already connected to another cluster than ``address``: an error.
     """
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
@@ -52,29 +98,56 @@ def ensure_ray(address: Optional[str] = None, namespace: str = "corral") -> None
         if address and address not in ("auto", "local") and not address.startswith(("ray://", "http")) \
                 and address != current:
             raise InvalidRequest(f"this process is connected to Ray at {current}, not {address}")
-        return
-    kw = dict(namespace=namespace, ignore_reinit_error=True, log_to_driver=False)
-    if not address and os.path.exists(os.path.join(_ray_tmp(), "ray_current_cluster")):
-        address = "auto"
+        return False, False
+    state = config.abs_state_dir()
     if address:
-        ray.init(address=address, **kw)
-        logger.info("joined the Ray cluster at %s", ray.get_runtime_context().gcs_address)
-        return
-    ray.init(include_dashboard=False, **kw)
-    logger.info("started a local Ray cluster at %s", ray.get_runtime_context().gcs_address)
+        try:
+            _init(address, config.namespace)
+        except Exception as e:
+            raise SandboxError(f"cannot join the Ray cluster at {address}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        return False, _dead_owner(state)
+    with cluster_lock(state):
+        rec = ClusterRecord.read(state)
+        sweep = False
+        if rec is not None:
+            if (rec.owner_alive or not rec.embedded) and _answers(rec.address):
+                _init(rec.address, config.namespace)
+                logger.info("joined the Ray cluster at %s that serves %s", rec.address, state)
+                return False, False
+            sweep = rec.embedded and not rec.owner_alive
+            logger.warning("the Ray cluster %s recorded in %s does not answer%s; starting anew", rec.address,
+                           ClusterRecord.path(state), " (its owner exited without cleaning up: what it left "
+                           "is removed)" if sweep else "")
+            ClusterRecord.clear(state)
+        head = _ray_head_on_this_machine()
+        if head and _answers(head):
+            _init("auto", config.namespace)
+            ClusterRecord(address=ray.get_runtime_context().gcs_address, embedded=False).write(state)
+            logger.info("joined the Ray cluster at %s (ray start on this machine)", head)
+            return False, sweep
+        if head:
+            logger.warning("a Ray head was recorded on this machine at %s but does not answer; corral starts "
+                           "a local cluster of its own instead", head)
+        _init(None, config.namespace)
+        ClusterRecord(address=ray.get_runtime_context().gcs_address, embedded=True, owner_pid=os.getpid()).write(state)
+        logger.info("started a local Ray cluster at %s, owned by this process", ray.get_runtime_context().gcs_address)
+        return True, sweep
 
 
-def _ray_tmp() -> str:
-    return os.environ.get("RAY_TMPDIR", "/tmp/ray")
+def _dead_owner(state: str) -> bool:
+    rec = ClusterRecord.read(state)
+    return bool(rec and rec.embedded and not rec.owner_alive)
 
 
 @dataclass
 class Cluster:
-    """Handles of one namespace's actors."""
+    """The registry of one namespace, as this process reaches it."""
 
     config: SandboxManagerEnvConfig
     registry: Any
-    pools: dict[str, Any] = field(default_factory=dict)
+    node: Optional[str] = None  # the registry's node
+    here: Optional[str] = None  # this process's node (acquires prefer sandboxes there)
     #: The registry's lane as this node sees it (None: none here, use Ray); ``lane_stale`` asks
     #: the registry again (it lost its lane, or restarted with a new one).
     lane: Optional[dict] = None
@@ -82,40 +155,55 @@ class Cluster:
 
     def local_lane(self, address: Optional[dict]) -> Optional[dict]:
         """``address`` if this process is on the registry's node, else None."""
-        here = this_node()
+        here = self.here
         self.lane = address if address and here is not None and address.get("node_id") == here else None
         self.lane_stale = False
         return self.lane
 
-    def pool(self, sandbox_type: Optional[str]) -> Any:
-        t = self.config.sandbox_type(sandbox_type).name  # raises UnknownSandboxType
-        try:
-            return self.pools[t]
-        except KeyError:
-            raise NotFound(f"no pool actor for sandbox type {t!r}") from None
+    def configured(self, config: dict) -> None:
+        """The registry's config after :meth:`configure`: what this process validates against."""
+        self.config = SandboxManagerEnvConfig.model_validate(config)
 
 
-def connect(config: SandboxManagerEnvConfig, address: Optional[str] = None) -> Cluster:
-    """Get or create the registry and the pools of ``config``'s namespace."""
-    from corral.actors.common import REGISTRY_NAME, detached_options, pool_name
-    from corral.actors.pool_actor import PoolActor
+#: Fields whose difference between a client's config and the running one is worth a warning
+#: (the rest, paths made absolute and defaults, are noise).
+_COMPARED = ("container_deployment", "pool_size", "sandbox_types", "max_sandbox_instances", "heartbeat_timeout",
+             "file_system", "storage_folder", "default_type", "reconcile_interval", "node_resource")
+
+
+def config_differences(mine: SandboxManagerEnvConfig, running: SandboxManagerEnvConfig) -> list[str]:
+    """What a client asked for that differs from the running namespace (names the fields)."""
+    a, b = mine.model_dump(mode="json"), running.model_dump(mode="json")
+    return [f"{k}: yours {a[k]!r}, running {b[k]!r}" for k in _COMPARED if a.get(k) != b.get(k)]
+
+
+def connect(config: SandboxManagerEnvConfig, address: Optional[str] = None, quiet: bool = False) -> Cluster:
+    """Get or create the registry of ``config``'s namespace (which starts its pools)."""
+    from corral.actors.common import registry_options
+    from corral.actors.handles import REGISTRY_NAME
     from corral.actors.registry_actor import RegistryActor
 
     if not isinstance(config, SandboxManagerEnvConfig):
         raise InvalidRequest(f"config must be a SandboxManagerEnvConfig, got {type(config).__name__}")
     config = resolve_paths(config)
-    ensure_ray(address, config.namespace)
-    raw = config.model_dump(mode="json")
-    registry = ray.remote(RegistryActor).options(**detached_options(REGISTRY_NAME, config.namespace)).remote(raw)
-    lane = ray.get(registry.lane_address.remote())  # answers once the registry is up
-    pools = {}
-    for name in config.sandbox_types:
-        pools[name] = ray.remote(PoolActor).options(**detached_options(pool_name(name), config.namespace)).remote(
-            raw, name
-        )
-    ray.get([p.set_target.remote(config.pool_target(n)) for n, p in pools.items()])
-    cluster = Cluster(config=config, registry=registry, pools=pools)
-    cluster.local_lane(lane)
+    owned, sweep = ensure_ray(address, config)
+    registry = ray.remote(RegistryActor).options(**registry_options(REGISTRY_NAME, config.namespace)).remote(
+        config.model_dump(mode="json"), sweep)
+    try:
+        hello = ray.get(registry.hello.remote())  # answers once the registry is up
+    except Exception as e:
+        raise _errors.unwrap(e) from None
+    running = SandboxManagerEnvConfig.model_validate(hello["config"])
+    diffs = config_differences(config, running)
+    if diffs and not quiet:
+        logger.warning("namespace %r is already running with another config; yours is not applied "
+                       "(SandboxManager.configure changes it): %s", config.namespace, "; ".join(diffs))
+    cluster = Cluster(config=running, registry=registry, node=hello["node"], here=this_node())
+    cluster.local_lane(hello["lane"])
+    if owned:
+        OWNERSHIP.install()
+    if OWNERSHIP.installed:
+        OWNERSHIP.serve(running)
     return cluster
 
 
@@ -127,7 +215,66 @@ def this_node() -> Optional[str]:
         return None
 
 
-def _run_sync(coro):
+class Ownership:
+    """This process started the Ray cluster: what it served goes before Ray does.
+
+    What it owns: the namespaces this process served (their configs) and the exit hooks. The
+    teardown runs once, from ``atexit`` (normal exit, an uncaught exception, ``sys.exit``, a
+    notebook kernel shutting down) or from a signal handler that turns SIGTERM and SIGHUP into
+    an ordinary exit (SIGINT already is one). Signal handlers a program set itself are kept.
+    """
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.namespaces: dict[str, SandboxManagerEnvConfig] = {}
+        self._done = False
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        self.installed = True
+        atexit.register(self.shutdown)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                    signal.signal(sig, self._on_signal)
+
+    def serve(self, config: SandboxManagerEnvConfig) -> None:
+        self.namespaces[config.namespace] = config
+
+    @staticmethod
+    def _on_signal(signum: int, _frame: Any) -> None:
+        sys.exit(128 + signum)  # atexit runs, and with it the teardown
+
+    def shutdown(self) -> None:
+        """Release and remove every sandbox of the namespaces served, stop their actors, then Ray."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        from .shutdown import down
+
+        for ns, config in self.namespaces.items():
+            try:
+                out = down(config, timeout=30.0, announce=True)
+                if out["containers_left"]:
+                    print(f"corral: {out['containers_left']} sandboxes of {ns!r} could not be removed",
+                          file=sys.stderr)
+            except Exception as e:  # exiting anyway: say what was left, never hide it
+                print(f"corral: tearing down namespace {ns!r} failed: {_errors.unwrap(e)}", file=sys.stderr)
+        for config in self.namespaces.values():
+            rec = ClusterRecord.read(config.abs_state_dir())
+            if rec is not None and rec.owner_pid == os.getpid():
+                ClusterRecord.clear(config.abs_state_dir())
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+OWNERSHIP = Ownership()
+
+
+def run_sync(coro):
     """Run a coroutine to completion from sync code, even inside a running event loop (Jupyter)."""
     import asyncio
     import concurrent.futures
@@ -139,65 +286,3 @@ def _run_sync(coro):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
 
-
-async def _remove_leftovers(config: SandboxManagerEnvConfig, timeout: float, sweep: bool) -> int:
-    """Wait up to ``timeout`` for the namespace's containers to go; with ``sweep``, remove what is
-    left directly. Returns how many are left."""
-    import asyncio
-    import time
-
-    from corral.drivers import make_driver
-    from corral.models import LABEL_MANAGED, LABEL_REGISTRY
-
-    driver = make_driver(config.driver_config())
-    labels = {LABEL_MANAGED: "true", LABEL_REGISTRY: config.namespace}
-    try:
-        deadline = time.monotonic() + timeout
-        left = await driver.list(labels)
-        while left and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            left = await driver.list(labels)
-        if sweep:
-            for h in left:
-                await driver.remove(h.container_id)
-        return len(await driver.list(labels))
-    finally:
-        await driver.close()
-
-
-def down(config: SandboxManagerEnvConfig, timeout: float = 30.0) -> dict:
-    """Release every sandbox of ``config``'s namespace, wait for the containers to go, stop its actors.
-
-    Returns what it removed: ``{"released": [names], "containers_left": n, "actors": n}``.
-    """
-    from corral.actors.common import REGISTRY_NAME, SESSION_PREFIX, pool_name
-
-    config = resolve_paths(config)
-    ensure_ray(None, config.namespace)
-    out = {"released": [], "containers_left": 0, "actors": 0}
-    try:
-        registry = ray.get_actor(REGISTRY_NAME, namespace=config.namespace)
-    except ValueError:
-        registry = None
-    pools = []
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry.get("namespace") == config.namespace and entry["name"].startswith("corral-pool-"):
-            pools.append(ray.get_actor(entry["name"], namespace=config.namespace))
-    ray.get([p.drain.remote() for p in pools])  # first stop refills, or they race the release below
-    if registry is not None:
-        out["released"] = ray.get(registry.cleanup.remote())
-        ray.get(registry.close_lane.remote())  # its socket file goes with it
-    _run_sync(_remove_leftovers(config, timeout, sweep=False))  # the pools carry out the teardowns
-    names = [REGISTRY_NAME] + [pool_name(t) for t in config.sandbox_types]
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry.get("namespace") == config.namespace and (
-            entry["name"] in names or entry["name"].startswith(SESSION_PREFIX) or entry["name"].startswith("corral-pool-")
-        ):
-            try:
-                ray.kill(ray.get_actor(entry["name"], namespace=config.namespace), no_restart=True)
-                out["actors"] += 1
-            except ValueError:
-                pass
-    # last, with no actor left to start anything: remove whatever a dying actor had just started
-    out["containers_left"] = _run_sync(_remove_leftovers(config, 0.0, sweep=True))
-    return out

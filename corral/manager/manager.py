@@ -1,20 +1,23 @@
 """SandboxManager: the reference's manager, same constructor and operations, on Ray actors.
 
-What it owns: the connection to one namespace's actors (joining a running Ray
-cluster or starting a local one) and the set of sandboxes it created. Every
-operation exists twice, ``op`` and ``op_async``, both generated from one async
-core (``_async/ops.py``; the sync twin ``_sync/ops.py`` is produced by
-``scripts/unasync.py``), so they cannot drift.
+What it owns: the connection to one namespace's registry (joining a running Ray
+cluster or starting a local one, which this process then owns: see
+:mod:`corral.manager.cluster`) and the set of sandboxes it created. Every
+operation exists twice, ``op`` and ``op_async``: the methods come from the
+generated :class:`~corral.manager._facade.ManagerOperations`, over one async
+core (``_async/ops.py``) and its generated sync twin (``_sync/ops.py``), so
+they cannot drift.
 
-Leaving a ``with`` block releases the sandboxes this manager created (not
-other processes' sandboxes, not the warm pools); ``cleanup()`` releases every
-sandbox of the namespace, as the reference's does.
+Connecting changes nothing: a namespace keeps the config it was first started
+with (``configure`` and ``reserve`` change it on purpose). Leaving a ``with``
+block releases the sandboxes this manager created (not other processes'
+sandboxes, not the warm pools); ``cleanup()`` releases every sandbox of the
+namespace, as the reference's does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from typing import Any, Optional, Union
 
@@ -22,8 +25,9 @@ from corral.client._http import preload_transport
 from corral.errors import InvalidRequest
 from corral.models import SandboxManagerEnvConfig, SandboxTypeConfig
 
-from ._async.ops import AsyncOps
+from ._async.ops import OPERATIONS, AsyncOps
 from ._async.sandbox import AsyncSandbox
+from ._facade import ManagerOperations
 from ._sync.ops import Ops
 from ._sync.sandbox import Sandbox
 from .cluster import Cluster, connect
@@ -31,14 +35,6 @@ from .cluster import Cluster, connect
 __all__ = ["SandboxManager", "OPERATIONS", "Sandbox", "AsyncSandbox"]
 
 logger = logging.getLogger("corral")
-
-#: The operations, each as ``name`` (sync) and ``name_async``.
-OPERATIONS = (
-    "create", "create_from_pool", "release", "start", "stop", "get_status", "get_info",
-    "check_health", "list_tools", "call_tool", "add_mcp_servers", "get_session_mapping",
-    "list_session_keys", "reap_session", "restore_session", "cleanup", "heartbeat", "reserve",
-    "status", "acquire",
-)
 
 
 def _types(default_type: Any) -> list[str]:
@@ -48,14 +44,15 @@ def _types(default_type: Any) -> list[str]:
     return [str(getattr(t, "value", t)) for t in items]
 
 
-class SandboxManager:
+class SandboxManager(ManagerOperations):
     """Sandboxes on Ray actors; see the module docstring and the README.
 
     ``SandboxManager(config=None, base_url=None, bearer_token=None, default_type=None, address=None)``:
     ``config`` is a :class:`SandboxManagerEnvConfig` (or a dict of one);
     ``default_type`` names the default sandbox type (or a list: the first is
     the default, all get pools); ``address`` is a Ray cluster address (default:
-    RAY_ADDRESS, a cluster running on this machine, or a new local one).
+    RAY_ADDRESS, the cluster serving this state dir, a ``ray start`` head on this
+    machine, or a new local one that this process owns).
     """
 
     def __init__(
@@ -83,7 +80,6 @@ class SandboxManager:
             config = config.model_copy(update={
                 "default_type": types[0], "sandbox_types": {**config.sandbox_types, **extra},
             })
-        self.config = config
         self.cluster: Cluster = connect(config, address)
         self.config = self.cluster.config
         self._owned: set = set()
@@ -123,29 +119,3 @@ class SandboxManager:
 
     def __repr__(self) -> str:
         return f"<SandboxManager namespace={self.config.namespace!r} types={sorted(self.config.sandbox_types)}>"
-
-
-def _sync_op(name: str):
-    impl = getattr(Ops, name)
-
-    @functools.wraps(impl)
-    def op(self: SandboxManager, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self._ops, name)(*args, **kwargs)
-
-    return op
-
-
-def _async_op(name: str):
-    impl = getattr(AsyncOps, name)
-
-    @functools.wraps(impl)
-    async def op(self: SandboxManager, *args: Any, **kwargs: Any) -> Any:
-        return await getattr(self._async_ops(), name)(*args, **kwargs)
-
-    op.__name__ = op.__qualname__ = f"{name}_async"
-    return op
-
-
-for _name in OPERATIONS:
-    setattr(SandboxManager, _name, _sync_op(_name))
-    setattr(SandboxManager, f"{_name}_async", _async_op(_name))

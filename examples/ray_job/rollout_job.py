@@ -37,7 +37,7 @@ import uuid
 import ray
 
 from corral import SandboxManager, SandboxManagerEnvConfig
-from corral.manager.cluster import down
+from corral.manager import down
 
 
 def make_config(opts: dict) -> SandboxManagerEnvConfig:
@@ -101,7 +101,7 @@ def play_episode(m: SandboxManager, worker: int, episode: int, calls: int) -> di
 @ray.remote(max_retries=0)
 def rollout_worker(worker: int, opts: dict) -> dict:
     """A rollout worker (a Ray task): joins corral by name and plays ``opts['episodes']`` episodes."""
-    from corral.actors.common import REGISTRY_NAME, pool_name
+    from corral.actors.handles import REGISTRY_NAME
 
     info = {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(),
             "node": ray.get_runtime_context().get_node_id()[:8],
@@ -110,7 +110,6 @@ def rollout_worker(worker: int, opts: dict) -> dict:
         # The actors the driver started, found by name from inside the task.
         cfg = make_config(opts)
         ray.get(ray.get_actor(REGISTRY_NAME, namespace=cfg.namespace).ping.remote())
-        ray.get_actor(pool_name(cfg.default_type), namespace=cfg.namespace)
         info["found_by_name"] = True
         m = SandboxManager(cfg)  # already connected to Ray: it joins this cluster and namespace
         try:

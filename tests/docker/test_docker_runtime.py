@@ -77,7 +77,7 @@ def test_workspace_survives_reap_and_restore(docker_manager, docker_client):
 def test_reconcile_removes_an_orphan_and_adopts_a_known_container(docker_manager, docker_client):
     import ray
 
-    from corral.actors.common import REGISTRY_NAME
+    from corral.actors.handles import REGISTRY_NAME
     from corral.drivers.docker import DockerDriver
 
     m = docker_manager(pool_size=0)

@@ -220,7 +220,7 @@ def test_instance_limit_under_64_concurrent_acquirers(make_manager):
 def test_registry_restart_keeps_records_and_removes_orphans(make_manager):
     import ray
 
-    from corral.actors.common import REGISTRY_NAME
+    from corral.actors.handles import REGISTRY_NAME
     from corral.drivers import ContainerSpec, make_driver
 
     m = make_manager(pool_size=0)
@@ -295,7 +295,7 @@ def test_reuse_resets_the_sandbox_between_sessions(make_manager, kernel_reset):
 def test_a_session_whose_actor_dies_is_still_reaped(make_manager):
     import ray
 
-    from corral.actors.common import SESSION_PREFIX
+    from corral.actors.handles import SESSION_PREFIX
 
     m = make_manager(pool_size=0, heartbeat_timeout=2, reconcile_interval=1)
     name = m.create(meta={"session_ctx_id": "orphaned-actor"})
@@ -380,12 +380,13 @@ def test_sandboxes_and_session_actors_yield_the_cpu_to_the_control_plane(make_ma
     import psutil
     import ray
 
-    from corral.actors.common import SESSION_PREFIX
+    from corral.actors.handles import SESSION_PREFIX
 
     m = make_manager(pool_size=1)
     m.reserve(n=0, wait=True)
     st = m.status()
-    control = max(st["nice"], st["pools"]["base"]["nice"])
+    [pool] = st["pools"]["base"]["actors"]  # one pool actor: one type on one node
+    control = max(st["nice"], pool["nice"])
     assert control <= 15  # Ray starts workers at 15; raised to 0 where the OS allows it
     with m.acquire() as sb:
         box_pid = int(sb.shell("echo $PPID").stdout)  # the shell's parent: the box
@@ -398,7 +399,7 @@ def test_sandboxes_and_session_actors_yield_the_cpu_to_the_control_plane(make_ma
             assert psutil.Process(pid).nice() > control or psutil.Process(pid).nice() == 19
             # SCHED_IDLE: a control-plane thread that wakes never waits behind them
             assert os.sched_getscheduler(pid) == os.SCHED_IDLE, pid
-        assert os.sched_getscheduler(pool_pid := st["pools"]["base"]["pid"]) == os.SCHED_OTHER
+        assert os.sched_getscheduler(pool_pid := pool["pid"]) == os.SCHED_OTHER
         # No session of their own: the box, its kernel and a shell command stay in the session of the
         # pool that started the box, so one scheduling autogroup holds them all and niceness ranks
         # them below the actors (a session each would be an autogroup each, weighing as much as
@@ -415,8 +416,8 @@ def test_sandboxes_and_session_actors_yield_the_cpu_to_the_control_plane(make_ma
 def test_async_acquires_and_releases_use_the_registrys_lane_and_find_it_again_after_a_restart(make_manager):
     import ray
 
-    from corral.actors.common import REGISTRY_NAME
-    from corral.manager.cluster import down
+    from corral.actors.handles import REGISTRY_NAME
+    from corral.manager import down
 
     m = make_manager(pool_size=2)
     m.reserve(n=0, wait=True)

@@ -67,7 +67,7 @@ def test_committed_notebook_has_no_outputs(path):
 @pytest.fixture
 def kernel(ray_cluster, tmp_path, monkeypatch):
     """A kernelspec whose kernel is this interpreter, joined to the session's cluster; tears the namespaces down."""
-    from corral.manager.cluster import down
+    from corral.manager import down
     from corral.models import SandboxManagerEnvConfig
 
     nb_dir = tmp_path / "nb"

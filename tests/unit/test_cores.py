@@ -7,7 +7,9 @@ import pickle
 import pytest
 
 import corral
-from corral.core import KEEP, REAP, PoolCore, RegistryCore, SessionCore
+from corral.core import KEEP, REAP, NodeView, PoolCore, RegistryCore, SessionActors, SessionCore, place
+from corral.core.pool import HEALTH_STRIKES, SHRINK_AFTER
+from corral.core.spares import QUIET, TRIM_AFTER, Attach, Kill, Spawn, Unbind
 from corral.models import ContainerState as S
 from corral.models import SandboxManagerEnvConfig, SandboxTypeConfig
 
@@ -31,8 +33,8 @@ def make_registry(**kw) -> tuple[RegistryCore, Clock]:
     return RegistryCore(cfg, clock=clock, registry_id="test"), clock
 
 
-def start_one(reg: RegistryCore, session=None, **kw):
-    rec = reg.reserve("base", session_ctx_id=session, **kw)
+def start_one(reg: RegistryCore, session=None, node=None, **kw):
+    rec = reg.reserve("base", session_ctx_id=session, node=node, **kw)
     assert rec is not None
     return reg.started(rec.container_name, "cid-" + rec.session_id, "http://127.0.0.1:1", [1])
 
@@ -201,7 +203,8 @@ def test_reconcile_adopts_known_removes_unknown_and_recycles_lost():
     warm = start_one(reg)
     running = start_one(reg, session="s1")
     lost = start_one(reg, session="s2")
-    cut = reg.reserve("base")  # a create cut off by a restart
+    cut = reg.reserve("base")  # a start the registry sent, cut off by a restart
+    flying = reg.reserve("base")  # a start a pool is still making
     released = start_one(reg)
     reg.release(released.container_name)
     observed = [
@@ -210,16 +213,36 @@ def test_reconcile_adopts_known_removes_unknown_and_recycles_lost():
         {"container_id": "c3", "status": "running", "labels": {"corral.name": "runtime_sandbox_container_zzz"}},
         {"container_id": "c4", "status": "running", "labels": {"corral.name": released.container_name}},
         {"container_id": "c5", "status": "running", "labels": {"corral.name": cut.container_name}},
+        {"container_id": "c6", "status": "running", "labels": {"corral.name": flying.container_name}},
     ]
-    tick = reg.reconcile(observed)  # a periodic tick leaves a create in flight alone
-    assert "c5" not in tick.remove and cut.container_name in reg.records
-    assert lost.state == S.RECYCLED
-    plan = reg.reconcile(observed, booting=True)
+    plan = reg.reconcile("", observed, in_flight=[flying.container_name])
     assert sorted(plan.adopted) == sorted([warm.container_name, running.container_name])
-    assert sorted(plan.remove) == ["c3", "c4", "c5"]
+    assert sorted(plan.remove) == ["c3", "c4", "c5"]  # unknown, released, and a start nobody makes
     assert lost.state == S.RECYCLED and lost.recycle_reason == "container_lost"
-    assert cut.container_name not in reg.records
+    assert cut.container_name not in reg.records  # its slot is free again
+    assert reg.records[flying.container_name].state == S.STARTING  # left to its pool
     assert warm.container_id == "c1"
+    assert reg.pool("base").failures == 0  # a cut-off start says nothing about the type
+
+
+def test_reconcile_is_per_node_and_a_lost_node_makes_sessions_restorable():
+    reg, _ = make_registry()
+    reg.node = "n1"
+    a = start_one(reg, session="s1", node="n1")
+    b = start_one(reg, session="s2", node="n2")
+    w = start_one(reg, node="n2")
+    plan = reg.reconcile("n1", [{"container_id": "c1", "status": "running", "labels": {"corral.name": a.container_name}},
+                                {"container_id": "cb", "status": "running", "labels": {"corral.name": b.container_name}}])
+    assert plan.adopted == [a.container_name] and plan.remove == ["cb"]  # b is n2's, not a container of n1
+    assert b.state == S.RUNNING  # n1's reconciliation never touches n2's records
+    lost = reg.node_lost("n2")
+    assert [r.container_name for r in lost] == [b.container_name]
+    assert b.state == S.LOST and b.recycle_reason == "NODE_LOST"
+    assert w.container_name not in reg.records and reg.counted == 1
+    assert [r.container_name for r in reg.to_restore("s2")] == [b.container_name]
+    new = start_one(reg, session="s2", node="n1")
+    reg.replace(b.container_name, new.container_name)
+    assert reg.get(b.container_name).container_name == new.container_name
 
 
 def test_snapshot_round_trip_and_changes_log():
@@ -249,54 +272,177 @@ def test_bad_identity_is_a_clear_error():
 # -- pool -------------------------------------------------------------------------
 
 
-def test_pool_deficit_counts_warm_starting_and_waiters():
+def test_pool_deficit_counts_warm_starting_resetting_and_waiters():
     p = PoolCore("base", 3)
-    assert p.deficit() == 3
-    p.start_begun(2)
-    assert p.deficit() == 1
-    p.start_ended(True)
-    p.view(warm=1, waiting=0, claimed=0)
-    assert p.deficit() == 1
-    p.view(warm=1, waiting=2, claimed=0)
-    assert p.deficit() == 3
-    assert p.surplus() == 0
-    p.view(warm=6, waiting=0, claimed=0)
-    assert p.deficit() == 0 and p.surplus() == 3
-    p.view(warm=0, waiting=2, claimed=0)
-    p.resetting = 4  # released sandboxes on their way back
-    assert p.deficit() == 0
-    p.resetting = 0
-    p.view(warm=0, waiting=2, claimed=0, resetting=4)  # released, the reset not yet begun here
-    assert p.deficit() == 0
+    assert p.deficit(warm=0, starting=0, resetting=0, waiting=0, now=0) == 3
+    assert p.deficit(warm=1, starting=1, resetting=0, waiting=0, now=0) == 1
+    assert p.deficit(warm=1, starting=0, resetting=0, waiting=2, now=0) == 4
+    assert p.deficit(warm=0, starting=0, resetting=4, waiting=2, now=0) == 1  # resets come back warm
+    assert p.deficit(warm=6, starting=0, resetting=0, waiting=0, now=0) == 0
 
 
 def test_pool_reserve_grows_then_is_consumed_by_claims():
     p = PoolCore("base", 1)
-    p.view(warm=5, waiting=0, claimed=10)  # claims made before this pool existed
     assert p.reserve(4) == 5
-    p.view(warm=4, waiting=0, claimed=11)
+    p.consumed(1)
     assert p.target == 4
-    p.view(warm=0, waiting=0, claimed=20)
+    p.consumed(10)
     assert p.target == 1  # never below pool_size
-    p.view(warm=0, waiting=0, claimed=0)  # the registry restarted: its counter starts again
-    assert p.target == 1 and p.claimed == 0
 
 
-def test_pool_backoff_grows_and_resets():
+def test_pool_backoff_grows_resets_and_ignores_failures_that_say_nothing():
     p = PoolCore("base", 1)
     assert p.backoff() == 0
-    p.start_begun(3)
-    p.start_ended(False)
-    p.start_ended(False)
-    assert p.backoff() == 1.0
-    p.start_ended(True)
-    assert p.backoff() == 0
+    p.start_ended(False, now=100)
+    p.start_ended(False, now=100)
+    assert p.backoff() == 1.0 and p.deficit(0, 0, 0, 0, now=100.5) == 0 and p.deficit(0, 0, 0, 0, now=101) == 1
+    p.start_ended(False, now=100, counts=False)  # the namespace shutting down, a registry restart
+    assert p.failures == 2
+    p.start_ended(True, now=102)
+    assert p.backoff() == 0 and p.deficit(0, 0, 0, 0, now=0) == 1
+
+
+def test_pool_shrinks_a_surplus_only_once_it_has_lasted():
+    p = PoolCore("base", 2)
+    assert p.shrink(warm=5, waiting=0, now=0) == 0
+    assert p.shrink(warm=5, waiting=0, now=SHRINK_AFTER - 1) == 0
+    assert p.shrink(warm=5, waiting=0, now=SHRINK_AFTER + 1) == 3
+    assert p.shrink(warm=4, waiting=0, now=SHRINK_AFTER + 2) == 0  # a new surplus waits its turn
+    assert p.shrink(warm=3, waiting=1, now=SHRINK_AFTER + 3) == 0 and p.surplus_since is None  # a waiter took it
+
+
+def test_pool_replaces_a_warm_sandbox_after_consecutive_failed_probes_only():
+    p = PoolCore("base", 2)
+    for _ in range(HEALTH_STRIKES - 1):
+        assert p.probe({"a": False, "b": True}) == []
+    assert p.probe({"a": True, "b": False}) == []  # a's strikes end with one good answer
+    for _ in range(HEALTH_STRIKES - 2):
+        p.probe({"b": False})
+    assert p.probe({"b": False}) == ["b"] and p.strikes == {}
 
 
 @pytest.mark.parametrize("bad", [-1, 5000, 1.5, "3", True])
 def test_pool_rejects_absurd_sizes(bad):
     with pytest.raises(corral.InvalidRequest):
         PoolCore("base", bad)
+
+
+# -- acquire, wait lines, refill, placement --------------------------------------------
+
+
+def test_acquire_claims_while_nobody_waits_and_waiters_are_served_first_come_first():
+    reg, _ = make_registry()
+    a = start_one(reg)
+    got = reg.acquire("base", [{"session_ctx_id": "s1"}, {"session_ctx_id": "s2"}])
+    assert got[0].container_name == a.container_name and got[1] is None
+    reg.wait_warm(1, "base", {"session_ctx_id": "s2"})
+    reg.wait_warm(2, "base", {"session_ctx_id": "s3"})
+    b = start_one(reg)
+    assert reg.acquire("base", [{"session_ctx_id": "late"}]) == [None]  # never overtakes a waiter
+    assert [(w, r.container_name, r.session_ctx_id) for w, r in reg.hand_off("base")] == [
+        (1, b.container_name, "s2")]
+    assert reg.lines.warm_waiting("base") == 1
+    assert reg.lines.cancel(2) and not reg.lines.cancel(2) and reg.lines.warm_waiting("base") == 0
+
+
+def test_a_claim_without_a_session_gets_one_so_it_has_a_clock():
+    reg, _ = make_registry()
+    a = start_one(reg)
+    rec = reg.claim(a.container_name, None)
+    assert rec.session_ctx_id.startswith("auto-") and reg.session_names(rec.session_ctx_id) == [a.container_name]
+
+
+def test_a_waiter_pinned_to_a_node_keeps_its_place_while_others_are_served():
+    reg, _ = make_registry()
+    reg.wait_warm(1, "base", {"session_ctx_id": "s1", "node": "n2"})
+    reg.wait_warm(2, "base", {"session_ctx_id": "s2", "node": "local:n1"})
+    a = start_one(reg, node="n1")
+    assert [w for w, _ in reg.hand_off("base")] == [2]  # nothing on n2 yet: the next waiter gets a
+    b = start_one(reg, node="n2")
+    assert [(w, r.container_name) for w, r in reg.hand_off("base")] == [(1, b.container_name)]
+    assert a.session_ctx_id == "s2"
+
+
+def test_plan_starts_fills_deficits_on_the_nodes_with_room_and_pinned_waiters_on_theirs():
+    reg, clock = make_registry(pool_size=3)
+    nodes = [NodeView("n1", capacity=2, start_limit=8), NodeView("n2", capacity=10, start_limit=2)]
+    recs = reg.plan_starts(nodes, now=0)
+    assert sorted(r.node_id for r in recs) == ["n1", "n2", "n2"]  # most free capacity first
+    assert reg.count("base", S.STARTING) == 3 and reg.plan_starts(nodes, now=0) == []
+    idle, _ = make_registry(pool_size=0)
+    idle.wait_warm(1, "base", {"node": "n1"})  # pinned: started there, though n2 has more room
+    idle.wait_warm(2, "base", {})
+    fresh = [NodeView("n1", capacity=2, start_limit=8), NodeView("n2", capacity=10, start_limit=2)]
+    assert sorted(r.node_id for r in idle.plan_starts(fresh, now=0)) == ["n1", "n2"]
+
+
+def test_plan_starts_respects_the_instance_limit_and_slot_waiters_go_first():
+    reg, _ = make_registry(pool_size=5, max_sandbox_instances=2)
+    nodes = [NodeView("n1", capacity=10, start_limit=10)]
+    assert len(reg.plan_starts(nodes, now=0)) == 2
+    for r in list(reg.records.values()):
+        reg.started(r.container_name, "c", "http://x", [])
+    reg.wait_slot(7, {"sandbox_type": "base", "session_ctx_id": "cold", "mount_dir": "/m"})
+    assert reg.admit(nodes) == [] and reg.plan_starts(nodes, now=0) == []  # full: the line waits
+    reg.release(next(iter(reg.warm["base"])))
+    [(wid, rec)] = reg.admit(nodes)
+    assert wid == 7 and rec.session_ctx_id == "cold" and rec.mount_dir == "/m" and rec.node_id == "n1"
+
+
+def test_place_spreads_by_free_capacity_within_start_limits():
+    nodes = [NodeView("a", capacity=4, active=3, start_limit=4), NodeView("b", capacity=8, start_limit=1),
+             NodeView("c", capacity=8, active=1, start_limit=4)]
+    assert place(6, nodes) == ["b", "c", "c", "c", "c", "a"]
+    assert place(3, nodes, prefer="a") == ["a", "b", "c"]
+    assert place(1, [NodeView("x", capacity=0)]) == []
+
+
+def test_a_reset_rotates_the_token_and_shrink_drops_the_newest_warm():
+    reg, clock = make_registry(types={"base": SandboxTypeConfig(name="base", reuse=True)})
+    a = start_one(reg, session="s1")
+    old = a.runtime_token
+    td = reg.release(a.container_name, reuse=True)
+    assert td.token and td.token != old and a.runtime_token == old  # the box takes it once clean
+    reg.reset_done(a.container_name, True, td.token)
+    assert a.runtime_token == td.token and a.state == S.WARM
+    b = start_one(reg)
+    reg.pool("base").set_target(1)
+    assert reg.plan_shrink(now=0) == []
+    [drop] = reg.plan_shrink(now=SHRINK_AFTER + 1)
+    assert drop.record.container_name == b.container_name and drop.action == "destroy"
+
+
+# -- session actors ------------------------------------------------------------------
+
+
+def test_session_actors_spares_promises_and_messages():
+    clock = Clock()
+    sa = SessionActors(spare_target=1, clock=clock)
+    assert sa.tick() == [Spawn(1)]  # quiet: top the spares up
+    assert sa.created("A1") is None and sa.spares == ["A1"]
+    sa.claim("s1")
+    assert sa.bound["s1"] == "A1"
+    sa.claim("s2")  # no spare left: promised one
+    assert sa.needs_actor() == ["s2"] and sa.tick() == [Spawn(1)]  # made at once, even mid-loop
+    assert sa.created("A2") == "s2"
+    assert sa.attach("s1", "n1", still_bound=True) == Attach("A1", "s1", "n1")
+    assert sa.end("s1", "n1", session_empty=True) == [Unbind("A1")]  # it had been told: unbind
+    assert sa.end("s2", "n2", session_empty=True) == []  # released before its actor heard of it
+    assert sorted(sa.spares) == ["A1", "A2"]
+    clock.advance(QUIET + TRIM_AFTER + 2)
+    assert sa.tick() == []
+    clock.advance(TRIM_AFTER + 1)
+    assert sa.tick() == [Kill(["A1"])] and sa.spares == ["A2"]
+
+
+def test_a_dead_session_actor_gives_its_session_a_promise():
+    clock = Clock()
+    sa = SessionActors(spare_target=0, clock=clock)
+    sa.created("A1")
+    sa.claim("s1")
+    sa.attach("s1", "n1", True)
+    assert sa.lost("A1") == "s1" and sa.needs_actor() == ["s1"]
+    assert sa.tick() == [Spawn(1)]
 
 
 # -- session ----------------------------------------------------------------------
@@ -351,14 +497,16 @@ def test_errors_pickle_and_map_to_and_from_the_wire():
     assert issubclass(corral.InvalidRequest, ValueError)
 
 
-def test_config_takes_a_reference_config_and_rejects_bad_input():
+def test_config_takes_a_reference_config_and_rejects_bad_input_as_invalid_request():
     cfg = SandboxManagerEnvConfig(redis_enabled=False, redis_server="x", pool_size=2, container_deployment="process")
     assert cfg.pool_target("base") == 2
-    with pytest.raises(ValueError):
+    with pytest.raises(corral.InvalidRequest, match="oss_endpoint"):
         SandboxManagerEnvConfig(file_system="oss")  # OSS without credentials
-    with pytest.raises(ValueError):
+    with pytest.raises(corral.InvalidRequest, match="pool_size"):
         SandboxManagerEnvConfig(pool_size=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(corral.InvalidRequest, match=r"sandbox_types\.x\.cpus"):
+        SandboxManagerEnvConfig.model_validate({"sandbox_types": {"x": {"name": "x", "cpus": -1}}})
+    with pytest.raises(corral.InvalidRequest, match="environment.A"):
         SandboxTypeConfig(name="x", environment={"A": None})
     with pytest.raises(corral.UnknownSandboxType):
         cfg.sandbox_type("gpu")

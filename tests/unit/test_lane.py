@@ -181,7 +181,7 @@ class _Registry:
 
 def _cluster(registry, lane, monkeypatch):
     monkeypatch.setattr(cluster_mod, "this_node", lambda: "node-1")
-    c = cluster_mod.Cluster(config=None, registry=registry)
+    c = cluster_mod.Cluster(config=None, registry=registry, here="node-1")
     c.local_lane(lane)
     return c
 

@@ -54,9 +54,18 @@ def test_generated_sync_twins_match_their_async_source(pair):
         assert _params(a) == _params(s), n
 
 
-def test_every_listed_operation_is_on_the_manager():
+def test_the_manager_defines_every_operation_with_the_cores_signature_and_docs():
+    """SandboxManager's methods are real definitions (help(), editors and mypy see them), the same
+    arguments and docstrings as the async core and its generated sync twin."""
     for name in OPERATIONS:
-        assert callable(getattr(SandboxManager, name)) and callable(getattr(SandboxManager, f"{name}_async"))
+        sync, asyn = SandboxManager.__dict__.get(name) or getattr(SandboxManager, name), getattr(SandboxManager, f"{name}_async")
+        assert not isinstance(inspect.getattr_static(SandboxManager, name), type(None))
+        assert _params(sync) == _params(getattr(Ops, name)) == _params(getattr(AsyncOps, name)), name
+        assert inspect.iscoroutinefunction(asyn) and not inspect.iscoroutinefunction(sync), name
+        assert inspect.getdoc(sync) == inspect.getdoc(getattr(AsyncOps, name)), name
+        assert sync.__qualname__ == f"ManagerOperations.{name}"  # defined in the generated mixin
+    assert inspect.signature(SandboxManager.acquire).return_annotation == "Sandbox"
+    assert inspect.signature(SandboxManager.acquire_async).return_annotation == "AsyncSandbox"
 
 
 def test_remote_mode_says_it_is_not_available():

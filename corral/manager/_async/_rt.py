@@ -12,7 +12,9 @@ from typing import Any, Awaitable, Callable, Optional
 
 from corral.lane import LaneClient, LaneLost
 
-__all__ = ["call", "gather", "sleep", "later", "drain", "on_loop_shutdown", "Batcher", "RegistryLink"]
+from .._errors import unwrap
+
+__all__ = ["call", "sleep", "later", "drain", "on_loop_shutdown", "Batcher", "RegistryLink"]
 
 logger = logging.getLogger("corral")
 
@@ -21,12 +23,12 @@ MAX_BATCH = 256
 
 
 async def call(ref: Any) -> Any:
-    """The result of an actor call (an ObjectRef)."""
-    return await ref
-
-
-async def gather(refs: list) -> list:
-    return list(await asyncio.gather(*refs))
+    """The result of an actor call (an ObjectRef); an error raised in the actor comes back as
+    the corral error it was, without Ray's wrapper."""
+    try:
+        return await ref
+    except Exception as e:
+        raise unwrap(e) from None
 
 
 async def sleep(seconds: float) -> None:
@@ -146,7 +148,7 @@ class RegistryLink:
             except LaneLost as e:
                 logger.info("registry lane lost (%s); sending %s over Ray", e, op)
                 self._cluster.lane_stale = True
-        return await getattr(self._cluster.registry, op).remote(*args)
+        return await call(getattr(self._cluster.registry, op).remote(*args))
 
     async def _open(self) -> Optional[LaneClient]:
         if self._closed or time.monotonic() < self._retry_at:
@@ -161,7 +163,7 @@ class RegistryLink:
                 self._client = None
             try:
                 if self._cluster.lane_stale:
-                    self._cluster.local_lane(await self._cluster.registry.lane_address.remote())
+                    self._cluster.local_lane(await call(self._cluster.registry.lane_address.remote()))
                 lane = self._cluster.lane
                 if lane is None:
                     self._retry_at = time.monotonic() + 60.0  # no lane on this node: ask again later

@@ -1,9 +1,9 @@
 """AsyncOps: the reference manager's operations, on corral's actors.
 
-What it owns: nothing durable. It holds the actor handles of one namespace
-(a :class:`corral.manager.cluster.Cluster`), one shared HTTP connection pool
-for the boxes, and validates every argument before any actor is called, so bad
-input raises a clear corral error and creates nothing.
+What it owns: nothing durable. It holds the registry of one namespace (a
+:class:`corral.manager.cluster.Cluster`), one box client per sandbox in use,
+and validates every argument before the registry is called, so bad input
+raises a clear corral error and creates nothing.
 
 Each operation has the reference's name and arguments. Differences, on
 purpose: errors are exceptions from corral's tree (never a string or None in
@@ -17,6 +17,8 @@ This module is the source of the generated sync ``Ops`` (scripts/unasync.py).
 from __future__ import annotations
 
 import functools
+import json
+import re
 import time
 from typing import Any, Optional
 
@@ -32,12 +34,36 @@ from corral.models import SESSION_ID_ALPHABET, check_env
 from . import _rt
 from .sandbox import AsyncSandbox
 
-__all__ = ["AsyncOps", "REFERENCE_TOOLS"]
+__all__ = ["AsyncOps", "REFERENCE_TOOLS", "OPERATIONS"]
+
+#: The manager's operations: the reference's names, then corral's own. Each is a method of
+#: :class:`AsyncOps` and, generated from it (scripts/unasync.py), of ``SandboxManager``, sync and
+#: as ``<name>_async``.
+OPERATIONS = (
+    "create", "create_from_pool", "release", "start", "stop", "get_status", "get_info",
+    "check_health", "list_tools", "call_tool", "add_mcp_servers", "get_session_mapping",
+    "list_session_keys", "reap_session", "restore_session", "cleanup",
+    "acquire", "reserve", "heartbeat", "status", "configure",
+)
 
 #: Tools every box serves besides its MCP servers (the reference's generic tools).
 REFERENCE_TOOLS = ("run_ipython_cell", "run_shell_command")
 #: The reference's routes have no timeout of their own; corral's client waits this long.
 REFERENCE_TIMEOUT = 600.0
+
+
+#: A session id: 1-256 characters of letters, digits and ``_ . : @ + = -``, no ``..``.
+_SESSION_RE = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,256}$")
+#: Largest ``meta`` accepted, as JSON: it is stored in every record and sent with every acquire.
+MAX_META_BYTES = 64 * 1024
+
+
+def _session(session: Any, what: str = "session_ctx_id") -> str:
+    if not isinstance(session, str) or not _SESSION_RE.match(session) or ".." in session:
+        shown = repr(session) if not isinstance(session, str) or len(session) < 80 else repr(session[:77] + "...")
+        raise InvalidRequest(
+            f"{what} must be 1-256 characters of letters, digits and '_.:@+=-' (no '..'), got {shown}")
+    return session
 
 
 def _meta(meta: Any) -> dict:
@@ -46,9 +72,27 @@ def _meta(meta: Any) -> dict:
     if not isinstance(meta, dict):
         raise InvalidRequest(f"meta must be a dict, got {type(meta).__name__}")
     sid = meta.get("session_ctx_id")
-    if sid is not None and (not isinstance(sid, str) or not sid):
-        raise InvalidRequest(f"meta.session_ctx_id must be a non-empty string, got {sid!r}")
+    if sid is not None:
+        _session(sid, "meta.session_ctx_id")
+    try:
+        size = len(json.dumps(meta))
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(f"meta must be JSON (strings, numbers, lists, dicts): {e}") from None
+    if size > MAX_META_BYTES:
+        raise InvalidRequest(f"meta is {size} bytes as JSON; at most {MAX_META_BYTES}")
     return dict(meta)
+
+
+def _node(node: Any, here: Optional[str]) -> str:
+    """A request's node preference: "local" (this node first, then any: the default), "any", or a
+    node id (only there)."""
+    if node is None or node == "local":
+        return f"local:{here or ''}"
+    if node == "any":
+        return "any"
+    if not isinstance(node, str) or not re.fullmatch(r"[0-9a-f]{8,64}", node):
+        raise InvalidRequest(f"node must be 'local', 'any' or a Ray node id (hex), got {node!r}")
+    return node
 
 
 _SESSION_IDS = shortuuid.ShortUUID(alphabet=SESSION_ID_ALPHABET)
@@ -61,8 +105,9 @@ def new_session_id() -> str:
 
 
 def _ident(identity: Any, what: str = "identity") -> str:
-    if not isinstance(identity, str) or not identity:
-        raise InvalidRequest(f"{what} must be a non-empty string, got {identity!r}")
+    if not isinstance(identity, str) or not identity or len(identity) > 512 or "\0" in identity:
+        shown = repr(identity) if not isinstance(identity, str) or len(identity) < 80 else repr(identity[:77] + "...")
+        raise InvalidRequest(f"{what} must be a sandbox name or id (1-512 characters), got {shown}")
     return identity
 
 
@@ -141,6 +186,9 @@ class AsyncOps:
             await self.restore_session(rec["session_ctx_id"])
             rec = await self.get_info(identity)
             state = rec.get("state")
+        if state == "LOST":
+            raise SandboxGone(f"sandbox {identity} was lost with its node; restore_session("
+                              f"{rec.get('session_ctx_id')!r}) brings its session back on another node")
         if state not in ("RUNNING", "WARM"):
             raise SandboxGone(f"sandbox {identity} is {state}")
         return rec
@@ -178,13 +226,13 @@ class AsyncOps:
             raise InvalidRequest("mount_dir given but allow_mount_dir is False in the manager's config")
         if storage_path is not None and not isinstance(storage_path, str):
             raise InvalidRequest(f"storage_path must be a string, got {type(storage_path).__name__}")
+        if mount_dir is not None and (not isinstance(mount_dir, str) or not mount_dir):
+            raise InvalidRequest(f"mount_dir must be a non-empty string, got {mount_dir!r}")
         if mount_dir is None and storage_path is None and self.config.pool_target(t.name) > 0:
-            rec = await self._acquire_record(t.name, m.get("session_ctx_id"), m, env, None)
+            rec = await self._acquire_record(t.name, m.get("session_ctx_id"), m, env, None, None)
             return rec["container_name"]
-        pool = self._cluster.pool(t.name)
-        rec = await _rt.call(pool.create.remote(
-            session_ctx_id=m.get("session_ctx_id"), meta=m, mount_dir=mount_dir,
-            storage_path=storage_path, environment=env,
+        rec = await _rt.call(self._cluster.registry.create.remote(
+            t.name, m.get("session_ctx_id"), m, mount_dir, storage_path, env, None, None,
         ))
         self.owned.add(rec["container_name"])
         return rec["container_name"]
@@ -193,7 +241,7 @@ class AsyncOps:
         """Take a warm container of the type and bind it to ``meta['session_ctx_id']``."""
         t = self.config.sandbox_type(sandbox_type)
         m = _meta(meta)
-        rec = await self._acquire_record(t.name, m.get("session_ctx_id"), m, {}, None)
+        rec = await self._acquire_record(t.name, m.get("session_ctx_id"), m, {}, None, None)
         return rec["container_name"]
 
     def _acquirer(self, sandbox_type: str) -> _rt.Batcher:
@@ -215,8 +263,8 @@ class AsyncOps:
         self._cluster.registry.release.remote(record["container_name"])
 
     async def _acquire_record(self, sandbox_type: str, session_ctx_id: Optional[str], meta: dict,
-                              env: dict, timeout: Optional[float]) -> dict:
-        req = {"session_ctx_id": session_ctx_id, "meta": meta}
+                              env: dict, timeout: Optional[float], node: Any) -> dict:
+        req = {"session_ctx_id": session_ctx_id, "meta": meta, "node": _node(node, self._cluster.here)}
         rec = await self._acquirer(sandbox_type)(req)
         if rec is None:  # none warm: wait in the registry's line for this type
             rec = (await _rt.call(self._cluster.registry.acquire.remote(sandbox_type, [req], timeout, True)))[0]
@@ -238,16 +286,20 @@ class AsyncOps:
         env: Optional[dict] = None,
         timeout: Optional[float] = None,
         meta: Optional[dict] = None,
+        node: Optional[str] = None,
     ) -> AsyncSandbox:
-        """A warm sandbox bound to a session (a new session id when none is given), as a handle."""
+        """A warm sandbox bound to a session (a new session id when none is given), as a handle.
+
+        ``node``: "local" (the default: a sandbox on this process's node when one is warm there,
+        else any), "any", or a Ray node id (only there)."""
         t = self.config.sandbox_type(sandbox_type)
         if session_ctx_id is None:
             session_ctx_id = new_session_id()
-        _ident(session_ctx_id, "session_ctx_id")
+        _session(session_ctx_id)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise InvalidRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
         m = {**_meta(meta), "session_ctx_id": session_ctx_id}
-        rec = await self._acquire_record(t.name, session_ctx_id, m, check_env(env), timeout)
+        rec = await self._acquire_record(t.name, session_ctx_id, m, check_env(env), timeout, node)
         return AsyncSandbox(self, rec, self._box(rec))
 
     async def release(self, identity: str) -> bool:
@@ -273,26 +325,37 @@ class AsyncOps:
         t = self.config.sandbox_type(sandbox_type)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > 4096:
             raise InvalidRequest(f"n must be an integer in 0..4096, got {n!r}")
-        pool = self._cluster.pool(t.name)
-        stats = await _rt.call(pool.reserve.remote(n))
-        if wait:
-            stats = await _rt.call(pool.wait_warm.remote(stats["target"], timeout))
-        return stats
+        return await _rt.call(self._cluster.registry.reserve.remote(t.name, n, bool(wait), float(timeout)))
+
+    async def configure(self, pool_size: Optional[int] = None, sandbox_types: Optional[dict] = None,
+                        max_sandbox_instances: Optional[int] = None) -> dict:
+        """Change the running namespace: pool targets, sandbox types (added or replaced) or the
+        instance limit. Kept across registry restarts; returns the config now in force."""
+        types = None
+        if sandbox_types is not None:
+            if not isinstance(sandbox_types, dict):
+                raise InvalidRequest(f"sandbox_types must be a dict, got {type(sandbox_types).__name__}")
+            types = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in sandbox_types.items()}
+        out = await _rt.call(self._cluster.registry.configure.remote(pool_size, types, max_sandbox_instances))
+        self._cluster.configured(out)
+        self.config = self._cluster.config
+        return out
 
     # -- backend -----------------------------------------------------------------
 
     async def _container_op(self, identity: str, op: str) -> Any:
-        rec = await self.get_info(_ident(identity))
-        pool = self._cluster.pool(rec.get("sandbox_type"))
-        return await _rt.call(pool.container_op.remote(op, rec.get("container_id"), rec.get("container_name")))
+        return await _rt.call(self._cluster.registry.container_op.remote(_ident(identity), op))
 
     async def start(self, identity: str) -> bool:
+        """Start a stopped sandbox again (the reference's ``start``); True when it runs."""
         return (await self._container_op(identity, "start")) == "running"
 
     async def stop(self, identity: str) -> bool:
+        """Stop a sandbox without releasing it (the reference's ``stop``); ``start`` brings it back."""
         return (await self._container_op(identity, "stop")) in ("exited", "missing")
 
     async def get_status(self, identity: str) -> str:
+        """The backend's status of the sandbox: "running", "exited", "created" or "missing"."""
         return await self._container_op(identity, "status")
 
     async def get_info(self, identity: str) -> dict:
@@ -302,11 +365,13 @@ class AsyncOps:
     # -- tools (proxied to the box; each one is activity for its session) ---------
 
     async def check_health(self, identity: str) -> bool:
+        """True when the sandbox's box answers (a reaped session is restored first)."""
         rec = await self._live(_ident(identity))
         await self._box(rec).healthz()
         return True
 
     async def list_tools(self, identity: str, tool_type: Optional[str] = None) -> dict:
+        """The tools the sandbox serves: the generic ones and its MCP servers', by server (or only ``tool_type``)."""
         tools = await self._reference_call(identity, "GET", "/fastapi/mcp/list_tools")
         out = {"generic": {name: {"name": name} for name in REFERENCE_TOOLS}, **(tools or {})}
         if tool_type is not None:
@@ -314,6 +379,8 @@ class AsyncOps:
         return out
 
     async def call_tool(self, identity: str, tool_name: str, arguments: Optional[dict] = None) -> Any:
+        """Call a tool in the sandbox (``run_shell_command``, ``run_ipython_cell`` or an MCP tool); the
+        reference's response shape. Counts as activity for the session."""
         _ident(tool_name, "tool_name")
         if arguments is not None and not isinstance(arguments, dict):
             raise InvalidRequest(f"arguments must be a dict, got {type(arguments).__name__}")
@@ -323,6 +390,7 @@ class AsyncOps:
                                           {"tool_name": tool_name, "arguments": arguments or {}})
 
     async def add_mcp_servers(self, identity: str, server_configs: dict, overwrite: bool = False) -> Any:
+        """Start MCP servers in the sandbox (``{"mcpServers": {name: config}}``)."""
         if not isinstance(server_configs, dict):
             raise InvalidRequest(f"server_configs must be a dict, got {type(server_configs).__name__}")
         return await self._reference_call(identity, "POST", "/fastapi/mcp/add_servers",
@@ -331,20 +399,26 @@ class AsyncOps:
     # -- sessions ----------------------------------------------------------------
 
     async def get_session_mapping(self, session_ctx_id: str) -> list:
-        return await _rt.call(self._cluster.registry.get_session_mapping.remote(_ident(session_ctx_id, "session_ctx_id")))
+        """The names of the sandboxes bound to a session."""
+        return await _rt.call(self._cluster.registry.get_session_mapping.remote(_session(session_ctx_id)))
 
     async def list_session_keys(self) -> list:
+        """Every session with a sandbox (running, or recycled and restorable)."""
         return await _rt.call(self._cluster.registry.list_session_keys.remote())
 
     async def heartbeat(self, session_ctx_id: str) -> bool:
-        return await _rt.call(self._cluster.registry.heartbeat.remote(_ident(session_ctx_id, "session_ctx_id")))
+        """Count as activity for a session without calling its sandboxes (tool calls already do)."""
+        return await _rt.call(self._cluster.registry.heartbeat.remote(_session(session_ctx_id)))
 
     async def reap_session(self, session_ctx_id: str, reason: str = "heartbeat_timeout") -> bool:
-        return await _rt.call(self._cluster.registry.reap_session.remote(_ident(session_ctx_id, "session_ctx_id"), reason))
+        """Recycle a session now: its sandboxes go, their workspaces are kept for ``restore_session``."""
+        if not isinstance(reason, str) or len(reason) > 256:
+            raise InvalidRequest(f"reason must be a string of at most 256 characters, got {reason!r:.80}")
+        return await _rt.call(self._cluster.registry.reap_session.remote(_session(session_ctx_id), reason))
 
     async def restore_session(self, session_ctx_id: str) -> list:
         """Bring a reaped session back (same workspace, new containers); returns its container names."""
-        return await _rt.call(self._cluster.registry.restore_session.remote(_ident(session_ctx_id, "session_ctx_id")))
+        return await _rt.call(self._cluster.registry.restore_session.remote(_session(session_ctx_id)))
 
     async def cleanup(self) -> list:
         """Release every non-terminal sandbox of this namespace (pools included); returns their names."""
@@ -361,10 +435,7 @@ class AsyncOps:
     # -- observability -----------------------------------------------------------
 
     async def status(self) -> dict:
-        """Pools, sessions and containers of this namespace."""
+        """Pools, nodes, sessions and sandboxes of this namespace."""
         reg = await _rt.call(self._cluster.registry.status.remote())
-        names = list(self._cluster.pools)
-        stats = await _rt.gather([self._cluster.pools[n].stats.remote() for n in names])
-        reg["pools"] = dict(zip(names, stats))
         reg["at"] = time.time()
         return reg

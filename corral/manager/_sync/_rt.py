@@ -7,16 +7,18 @@ from typing import Any, Callable, Optional
 
 import ray
 
-__all__ = ["call", "gather", "sleep", "later", "drain", "on_loop_shutdown", "Batcher", "RegistryLink"]
+from .._errors import unwrap
+
+__all__ = ["call", "sleep", "later", "drain", "on_loop_shutdown", "Batcher", "RegistryLink"]
 
 
 def call(ref: Any) -> Any:
-    """The result of an actor call (an ObjectRef)."""
-    return ray.get(ref)
-
-
-def gather(refs: list) -> list:
-    return list(ray.get(list(refs)))
+    """The result of an actor call (an ObjectRef); an error raised in the actor comes back as
+    the corral error it was, without Ray's wrapper."""
+    try:
+        return ray.get(ref)
+    except Exception as e:
+        raise unwrap(e) from None
 
 
 def sleep(seconds: float) -> None:
@@ -53,7 +55,7 @@ class RegistryLink:
         self._cluster = cluster
 
     def call(self, op: str, *args: Any) -> Any:
-        return ray.get(getattr(self._cluster.registry, op).remote(*args))
+        return call(getattr(self._cluster.registry, op).remote(*args))
 
     def close(self) -> None:
         """Nothing to close."""
