@@ -27,7 +27,8 @@ UploadPart, CompleteMultipartUpload, AbortMultipartUpload, user metadata
 which is what oss2 uses for an IP endpoint.
 
 Faults (:class:`Fault`, added with :meth:`OSSServer.inject`) make chosen requests
-fail: an error status, a dropped connection, a body cut short, or a delay. Every
+fail: an error status, a dropped connection (before or after the request took
+effect), a body cut short, or a delay. Every
 request is recorded in :attr:`OSSServer.requests`, and an exception inside the
 server itself lands in :attr:`OSSServer.internal_errors` (and a 500), so a test
 can tell a server bug from a client one.
@@ -197,9 +198,10 @@ class Fault:
     """Make matching requests fail. Filters are ANDed; None matches anything.
 
     ``kind``: ``"error"`` (answer ``status``/``code``), ``"drop"`` (read the request,
-    then close the connection without an answer), ``"truncate"`` (send the headers
-    and half the body of the real answer, then close), ``"slow"`` (wait ``delay``
-    seconds, then answer normally). It fires on the ``nth`` matching request and
+    then close the connection without an answer or any effect), ``"lose_answer"``
+    (carry the request out, then close without answering), ``"truncate"`` (send the
+    headers and half the body of the real answer, then close), ``"slow"`` (wait
+    ``delay`` seconds, then answer normally). It fires on the ``nth`` matching request and
     the ``times - 1`` after it (``times=None``: on every one from the ``nth`` on).
     """
 
@@ -216,7 +218,7 @@ class Fault:
     fired: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("error", "drop", "truncate", "slow"):
+        if self.kind not in ("error", "drop", "lose_answer", "truncate", "slow"):
             raise ValueError(f"unknown fault kind {self.kind!r}")
 
     def _matches(self, method: str, key: str, params: Mapping[str, str]) -> bool:
@@ -467,7 +469,18 @@ class OSSServer:
         method = h.command
         bucket = key = ""
         params: dict[str, str] = {}
-        status, fault_kind = 0, None
+        fault_kind: Optional[str] = None
+        recorded = False
+
+        def record(status: int) -> None:
+            # before the answer goes out, so a client that has its answer finds the record
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                with self._lock:
+                    self.requests.append(RequestRecord(method, bucket, key, tuple(sorted(params.items())),
+                                                       status, fault_kind))
+
         try:
             try:
                 try:
@@ -488,34 +501,35 @@ class OSSServer:
                     elif fault.kind == "error":
                         raise _Fail(fault.status, fault.code, f"injected fault ({fault.code})")
                 status, headers, payload = self._route(h, method, bucket, key, params, body)
+                if fault is not None and fault.kind == "lose_answer":
+                    raise _Drop()
                 if fault is not None and fault.kind == "truncate" and payload:
+                    record(0)
                     self._send(h, status, headers, payload, request_id, truncate=True)
                     raise _Drop()
             except _Fail as f:
-                status = f.status
+                record(f.status)
                 self._send_error(h, f, request_id, bucket, key)
             else:
+                record(status)
                 self._send(h, status, headers, payload, request_id)
         except _Drop:
-            status = 0
+            record(0)
             h.close_connection = True
             try:
                 h.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         except (ConnectionError, BrokenPipeError, TimeoutError):
-            status, h.close_connection = 0, True  # the client went away
+            record(0)
+            h.close_connection = True  # the client went away
         except Exception:
             self.internal_errors.append(traceback.format_exc())
-            status = 500
+            record(500)
             try:
                 self._send_error(h, _Fail(500, "InternalError", "test server failure"), request_id, bucket, key)
             except OSError:
                 h.close_connection = True
-        finally:
-            with self._lock:
-                self.requests.append(RequestRecord(method, bucket, key, tuple(sorted(params.items())),
-                                                   status, fault_kind))
 
     def _fault_for(self, method: str, key: str, params: Mapping[str, str]) -> Optional[Fault]:
         with self._lock:
