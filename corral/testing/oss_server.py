@@ -44,6 +44,7 @@ import hmac
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -300,6 +301,14 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, addr, owner: "OSSServer") -> None:
         self.owner = owner
         super().__init__(addr, _Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that closes a pooled connection between requests (a reset while the
+        # next request line is read) is normal; anything else is a bug in this server.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        self.owner.internal_errors.append(traceback.format_exc())
 
 
 def _read_body(h: BaseHTTPRequestHandler) -> bytes:

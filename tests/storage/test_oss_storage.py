@@ -172,7 +172,11 @@ def test_make_storage_from_the_manager_config_and_reprs_hold_no_secret(oss_serve
     cfg = SandboxManagerEnvConfig(**oss_config(oss_server))
     store = make_storage(cfg)
     assert isinstance(store, OSSStorage)
-    _no_credentials_in(repr(store), str(store))
+    _no_credentials_in(repr(store), str(store), repr(cfg), str(cfg))
+    incomplete = {**oss_config(oss_server), "oss_bucket_name": None}
+    with pytest.raises(ValueError, match="needs oss_bucket_name") as e:
+        SandboxManagerEnvConfig(**incomplete)
+    _no_credentials_in(str(e.value))  # the validation error does not quote its input
 
 
 def test_credentials_never_reach_the_logs(oss_store, oss_server, ws, tmp_path, caplog):
