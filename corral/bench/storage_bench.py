@@ -125,10 +125,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                  log=lambda s: print(s, file=sys.stderr, flush=True))
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     result["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
-    table = [
-        [r["backend"], r["workload"], r["op"], f"{r['seconds']:.3f}", f"{r['mib_per_s']:.1f}", f"{r['files_per_s']:.0f}"]
-        for r in sorted(result["rows"], key=lambda r: (r["workload"], r["op"] == "download", r["backend"]))
-    ]
+    rows = sorted(result["rows"], key=lambda r: (r["workload"], r["op"] == "download", r["backend"]))
+    table = [[r["backend"], r["workload"], r["op"], f"{r['seconds']:.3f}", f"{r['mib_per_s']:.1f}",
+              f"{r['files_per_s']:.0f}"] for r in rows]
     print(f"storage bench {result['date']}: median of {args.runs} runs, {os.cpu_count()} CPUs")
     print(tabulate(table, headers=["backend", "workload", "op", "s", "MiB/s", "files/s"]))
     if args.out:

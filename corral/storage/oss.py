@@ -343,11 +343,14 @@ class OSSStorage(Storage):
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._sleep = sleep
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._executor_lock = threading.Lock()
         _register_secret(key_id, key_secret)
         try:
+            # connections: the transfer threads, plus callers' own threads (listing, manifests)
             self._bucket = oss2.Bucket(
                 oss2.Auth(key_id, key_secret), endpoint, bucket, connect_timeout=timeout,
-                session=oss2.Session(pool_size=concurrency + 2),
+                session=oss2.Session(pool_size=2 * concurrency + 2),
             )
         except oss2.exceptions.ClientError as e:
             raise InvalidRequest(f"invalid OSS settings for bucket {bucket!r} at {endpoint!r}: "
@@ -388,17 +391,28 @@ class OSSStorage(Storage):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _parallel(self, fn: Callable[[T], object], items: list[T]) -> list:
-        """``[fn(i) for i in items]``, ``concurrency`` at a time; the first error cancels the rest."""
+        """``[fn(i) for i in items]`` on this storage's transfer threads; the first error cancels the rest.
+
+        The threads are shared by every call on this storage, so syncs running at once
+        (a pool releasing several sessions) together keep ``concurrency`` transfers in flight.
+        """
         if self.concurrency == 1 or len(items) <= 1:
             return [fn(i) for i in items]
-        with ThreadPoolExecutor(min(self.concurrency, len(items)), thread_name_prefix="corral-oss") as pool:
-            futures = [pool.submit(fn, i) for i in items]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="corral-oss")
+            pool = self._executor
+        futures = [pool.submit(fn, i) for i in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            for f in futures:  # let the ones already running finish before the caller moves on
+                if not f.cancelled():
+                    with suppress(BaseException):
+                        f.result()
+            raise
 
     # ---- upload
 

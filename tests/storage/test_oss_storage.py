@@ -329,3 +329,34 @@ def test_the_service_unreachable_is_a_storage_error(ws, tmp_path):
         store.upload_folder(ws, "s")
     assert e.value.retryable
     _no_credentials_in(str(e.value))
+
+
+def test_syncs_at_once_on_one_storage_share_its_transfer_threads(oss_store, oss_server, tmp_path):
+    import threading
+
+    store = oss_store(concurrency=4)
+    sources = []
+    for n in range(3):
+        w = tmp_path / f"w{n}"
+        for i in range(60):
+            write(str(w / f"f{i:02d}.txt"), f"{n}-{i}".encode())
+        sources.append(str(w))
+    errors: list[BaseException] = []
+
+    def sync(n: int) -> None:
+        try:
+            store.upload_folder(sources[n], f"s{n}")
+            store.download_folder(f"s{n}", str(tmp_path / f"out{n}"), expect=True)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=sync, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    for n in range(3):
+        assert (tmp_path / f"out{n}" / "f59.txt").read_bytes() == f"{n}-59".encode()
+        assert len(store.last_sync(f"s{n}").files) == 60
+    assert len([t for t in threading.enumerate() if t.name.startswith("corral-oss")]) <= 4
