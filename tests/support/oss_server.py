@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from corral.testing.oss_server import Fault, OSSServer, RequestRecord, StoredObject, crc64_ecma, string_to_sign
 
-__all__ = ["Fault", "OSSServer", "RequestRecord", "StoredObject", "crc64_ecma", "oss_config", "string_to_sign"]
+__all__ = [
+    "BUCKET", "KEY_ID", "SECRET", "Fault", "OSSServer", "RequestRecord", "StoredObject", "crc64_ecma", "oss_config",
+    "string_to_sign",
+]
+
+# The credentials the tests' servers accept (shaped like real ones, so a leak check means something).
+KEY_ID = "LTAI5tCorralTestKeyId"
+SECRET = "corral-test-secret-9f8e7d6c5b4a"
+BUCKET = "corral-test"
 
 
-def oss_config(server: OSSServer, bucket: str = "corral-test", **kw) -> dict:
+def oss_config(server: OSSServer, bucket: str = BUCKET, **kw) -> dict:
     """``SandboxManagerEnvConfig`` fields for ``file_system="oss"`` against ``server``."""
     key_id, secret = next(iter(server.credentials.items()))
     return {
