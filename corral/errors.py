@@ -14,7 +14,8 @@ one of these. The tree::
     ├── SandboxError                 sandbox_error      503     yes  INFRASTRUCTURE: the sandbox failed
     │   ├── SandboxUnreachable       sandbox_unreachable 503    yes  no answer (connect error, read timeout)
     │   ├── SandboxGone              sandbox_gone       410     yes  the container vanished or was reaped
-    │   └── DriverError              driver_error       502     yes  the backend (Docker, process) failed
+    │   ├── DriverError              driver_error       502     yes  the backend (Docker, process) failed
+    │   └── StorageError             storage_error      502     yes  workspace storage failed or is incomplete
     └── CommandError                 command_error      200*    no   THE TASK'S OWN RESULT
         ├── CommandFailed            command_failed              a shell command exited non-zero
         ├── CommandTimeout           command_timeout             a command or cell hit its timeout
@@ -50,6 +51,7 @@ __all__ = [
     "SandboxUnreachable",
     "SandboxGone",
     "DriverError",
+    "StorageError",
     "CommandError",
     "CommandFailed",
     "CommandTimeout",
@@ -135,6 +137,16 @@ class SandboxGone(SandboxError):
 
 class DriverError(SandboxError):
     code, status = "driver_error", 502
+
+
+class StorageError(SandboxError):
+    """Workspace storage (a directory or an OSS bucket) failed, refused us, or holds an incomplete sync.
+
+    The message says which operation on which path or key failed and why; it never
+    holds a credential.
+    """
+
+    code, status = "storage_error", 502
 
 
 class CommandError(CorralError):

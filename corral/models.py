@@ -221,7 +221,8 @@ class SandboxManagerEnvConfig(_Config):
     actors hold the state). ``container_deployment`` picks the driver.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # hide_input_in_errors: a validation error would otherwise quote every field, the OSS secret too
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     container_prefix_key: str = "runtime_sandbox_container_"
     file_system: Literal["local", "oss"] = "local"
@@ -232,8 +233,8 @@ class SandboxManagerEnvConfig(_Config):
     allow_mount_dir: bool = False
     pool_size: int = Field(0, ge=0, le=4096)
     oss_endpoint: Optional[str] = None
-    oss_access_key_id: Optional[str] = None
-    oss_access_key_secret: Optional[str] = None
+    oss_access_key_id: Optional[str] = Field(None, repr=False)  # credentials stay out of repr()
+    oss_access_key_secret: Optional[str] = Field(None, repr=False)
     oss_bucket_name: Optional[str] = None
     heartbeat_timeout: float = Field(300, gt=0)
     watcher_scan_interval: float = Field(1, ge=0)

@@ -5,6 +5,11 @@
 ``"oss"`` -> :class:`OSSStorage`). Both share :mod:`corral.storage.tree`, which moves
 only regular files and directories, follows no symlink and writes nothing outside
 the local directory. ``OSSStorage`` (and ``oss2``) load lazily, on first use.
+
+Every upload ends by writing a :class:`SyncManifest`; ``download_folder(...,
+expect=True)`` refuses a storage path whose last upload did not complete (see
+:mod:`corral.storage.manifest`). The layout, settings and fault handling are
+described in docs/storage.md.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ from typing import TYPE_CHECKING, Any
 from corral.errors import InvalidRequest
 from corral.storage.base import Storage, SyncReport
 from corral.storage.local import LocalStorage
+from corral.storage.manifest import SyncManifest
 from corral.storage.tree import walk_regular_files
 
 if TYPE_CHECKING:
     from corral.storage.oss import OSSStorage
 
-__all__ = ["LocalStorage", "OSSStorage", "Storage", "SyncReport", "make_storage", "walk_regular_files"]
+__all__ = [
+    "LocalStorage", "OSSStorage", "Storage", "SyncManifest", "SyncReport", "make_storage", "walk_regular_files",
+]
 
 
 def make_storage(config: Any) -> Storage:

@@ -7,19 +7,24 @@ atomically via temp file + ``os.replace``), keeping empty directories, permissio
 bits (minus setuid/setgid/sticky) and mtimes. Deletes are mirrored only when asked
 (``upload_folder(..., mirror=True)``); by default an upload adds and overwrites,
 as the reference did.
+
+The sync manifest of storage path ``p`` is the file ``p.corral-sync.json`` beside
+the directory (see :mod:`corral.storage.manifest`), replaced atomically.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import time
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Container, Iterator, Optional
 
-from corral.errors import CorralError, DriverError, InvalidRequest
+from corral.errors import CorralError, InvalidRequest, NotFound, StorageError
 from corral.storage.base import Storage, SyncReport
-from corral.storage.tree import FileMeta, SkipEntry, TreeReader, TreeWriter, walk_regular_files
+from corral.storage.manifest import MANIFEST_SUFFIX, SyncManifest, check_complete, parse_manifest
+from corral.storage.tree import FileMeta, SkipEntry, TreeReader, TreeWriter, empty_dirs, walk_regular_files
 
 __all__ = ["LocalStorage"]
 
@@ -34,7 +39,7 @@ def _local_errors(op: str, path: str) -> Iterator[None]:
     except CorralError:
         raise
     except OSError as e:
-        raise DriverError(f"local storage {op} failed at {path}: {e}", op=op, path=path) from e
+        raise StorageError(f"local storage {op} failed at {path}: {e}", op=op, path=path) from e
 
 
 class LocalStorage(Storage):
@@ -60,30 +65,72 @@ class LocalStorage(Storage):
             raise InvalidRequest("storage path must name a folder", path=storage_path)
         if "\x00" in storage_path:
             raise InvalidRequest(f"unsafe storage path {storage_path!r}", path=storage_path)
+        if storage_path.rstrip("/").endswith(MANIFEST_SUFFIX):
+            raise InvalidRequest(f"storage path {storage_path!r} ends in {MANIFEST_SUFFIX}, which corral reserves",
+                                 path=storage_path)
         if os.path.isabs(storage_path):
-            return os.path.normpath(storage_path)
+            path = os.path.normpath(storage_path)
+            if path == os.path.dirname(path):
+                raise InvalidRequest("storage path may not be the filesystem root", path=storage_path)
+            return path
         parts = [p for p in storage_path.split("/") if p not in ("", ".")]
         if ".." in parts or not parts:
             raise InvalidRequest(f"storage path {storage_path!r} leaves the storage root", path=storage_path)
         return os.path.join(self.root, *parts)
 
-    def upload_folder(self, local_dir: str, storage_path: str, *, mirror: bool = False) -> SyncReport:
-        return _copy_tree(os.path.abspath(local_dir), self.resolve(storage_path), "upload", mirror)
+    def manifest_path(self, storage_path: str) -> str:
+        """The file holding the sync manifest of ``storage_path`` (beside its directory)."""
+        return self.resolve(storage_path) + MANIFEST_SUFFIX
 
-    def download_folder(self, storage_path: str, local_dir: str) -> SyncReport:
+    def upload_folder(self, local_dir: str, storage_path: str, *, mirror: bool = False) -> SyncReport:
+        dest = self.resolve(storage_path)
+        manifest = dest + MANIFEST_SUFFIX
+        local_dir = os.path.abspath(local_dir)
+        if not os.path.isdir(local_dir):  # before anything changes in storage
+            raise NotFound(f"not a directory: {local_dir}", path=local_dir)
+        with _local_errors("upload", manifest):
+            if os.path.lexists(manifest):
+                os.unlink(manifest)  # incomplete until this upload has gone through
+        report, sizes, kept_dirs = _copy_tree(local_dir, dest, "upload", mirror)
+        done = SyncManifest(files=sizes, dirs=kept_dirs, bytes=report.bytes, skipped=report.skipped)
+        with _local_errors("upload", manifest):
+            _write_atomic(manifest, done.dump())
+        return report
+
+    def download_folder(self, storage_path: str, local_dir: str, *, expect: bool = False) -> SyncReport:
         src = self.resolve(storage_path)
+        manifest = self.last_sync(storage_path)
+        if expect:
+            scan = walk_regular_files(src) if os.path.isdir(src) else None
+            check_complete(manifest, {f.rel: f.size for f in scan.files} if scan else {},
+                           set(scan.dirs) if scan else set(), src)
         if not os.path.isdir(src):
             return SyncReport()  # nothing saved yet (a new session)
         with _local_errors("download", local_dir):
             os.makedirs(local_dir, exist_ok=True)
-        return _copy_tree(src, os.path.abspath(local_dir), "download", False)
+        report, _, _ = _copy_tree(src, os.path.abspath(local_dir), "download", False)
+        report.synced_at = manifest.completed_at if manifest else None
+        return report
+
+    def last_sync(self, storage_path: str) -> Optional[SyncManifest]:
+        path = self.manifest_path(storage_path)
+        with _local_errors("read manifest", path):
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None
+        return parse_manifest(data, path)
 
     def exists(self, storage_path: str) -> bool:
-        return os.path.lexists(self.resolve(storage_path))
+        path = self.resolve(storage_path)
+        return os.path.lexists(path) or os.path.lexists(path + MANIFEST_SUFFIX)
 
     def delete(self, storage_path: str) -> int:
         path = self.resolve(storage_path)
         with _local_errors("delete", path):
+            if os.path.lexists(path + MANIFEST_SUFFIX):
+                os.unlink(path + MANIFEST_SUFFIX)  # first: what is left is no longer complete
             if os.path.isdir(path) and not os.path.islink(path):
                 count = len(walk_regular_files(path).files)
                 shutil.rmtree(path)  # rmtree does not follow symlinks
@@ -94,12 +141,31 @@ class LocalStorage(Storage):
         return 0
 
 
-def _copy_tree(src: str, dest: str, op: str, mirror: bool) -> SyncReport:
-    """Copy the regular files and directories of ``src`` into ``dest``; see the module docstring."""
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.{secrets.token_hex(6)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _copy_tree(src: str, dest: str, op: str, mirror: bool) -> tuple[SyncReport, dict[str, int], list[str]]:
+    """Copy the regular files and directories of ``src`` into ``dest``; see the module docstring.
+
+    Returns the report, the size of every file written, and the written directories that hold nothing.
+    """
     t0 = time.monotonic()
     scan = walk_regular_files(src)  # NotFound if src is not a directory
     report = SyncReport(skipped=list(scan.skipped))
-    written_files: set[str] = set()
+    written_files: dict[str, int] = {}
     written_dirs: set[str] = set()
     with _local_errors(op, dest):
         os.makedirs(dest, exist_ok=True)
@@ -123,14 +189,14 @@ def _copy_tree(src: str, dest: str, op: str, mirror: bool) -> SyncReport:
                     except SkipEntry as s:
                         report.skipped.append((entry.rel, s.reason))
                         continue
-                written_files.add(entry.rel)
+                written_files[entry.rel] = size
                 report.bytes += size
         if mirror:
             report.deleted = _prune(dest, written_files, written_dirs)
     report.files = len(written_files)
     report.dirs = len(written_dirs)
     report.seconds = time.monotonic() - t0
-    return report
+    return report, written_files, [d for d in empty_dirs(scan) if d in written_dirs]
 
 
 def _copier(fsrc: BinaryIO, st: os.stat_result):
@@ -141,7 +207,7 @@ def _copier(fsrc: BinaryIO, st: os.stat_result):
     return fill
 
 
-def _prune(dest: str, keep_files: set[str], keep_dirs: set[str]) -> int:
+def _prune(dest: str, keep_files: Container[str], keep_dirs: Container[str]) -> int:
     """Remove regular files and directories of ``dest`` this upload did not write.
 
     ``dest`` is storage (host-owned), but it is walked the same link-free way; any

@@ -1,7 +1,8 @@
 """Unit tests of corral.storage: local round trips, the symlink/special-file guards, OSS pure parts.
 
-No network: the OSS transport is not exercised (no OSS service is reachable here);
-its key mapping, upload plan, download key checks and error mapping are.
+No network here: the OSS transport runs against the OSS-protocol test server in
+tests/storage; this file covers its pure parts (key mapping, upload plan,
+download key checks, error mapping, redaction).
 """
 
 from __future__ import annotations
@@ -15,10 +16,19 @@ import stat
 import oss2.exceptions
 import pytest
 
-from corral.errors import DriverError, InvalidRequest, NotFound
+from corral.errors import InvalidRequest, NotFound, StorageError
 from corral.models import SandboxManagerEnvConfig
 from corral.storage import LocalStorage, OSSStorage, Storage, SyncReport, make_storage, walk_regular_files
-from corral.storage.oss import download_target, map_oss_error, object_key, plan_upload, storage_prefix
+from corral.storage.oss import (
+    download_target,
+    is_transient,
+    manifest_key,
+    map_oss_error,
+    object_key,
+    plan_upload,
+    redact,
+    storage_prefix,
+)
 from corral.storage.tree import SkipEntry, TreeWriter, empty_dirs, safe_relparts
 
 
@@ -299,14 +309,14 @@ def test_make_storage(tmp_path):
     assert isinstance(s, LocalStorage) and s.root == str(tmp_path)
     cfg = SandboxManagerEnvConfig(
         file_system="oss", oss_endpoint="https://oss.invalid", oss_access_key_id="id",
-        oss_access_key_secret="secret", oss_bucket_name="b",
+        oss_access_key_secret="secret", oss_bucket_name="bucket-1",
     )
     o = make_storage(cfg)
     assert isinstance(o, OSSStorage) and isinstance(o, Storage)
     assert "secret" not in repr(o)
 
 
-# ---------------------------------------------------------------- OSS pure parts (transport untested)
+# ---------------------------------------------------------------- OSS pure parts
 
 
 def oss_storage() -> OSSStorage:
@@ -317,7 +327,8 @@ def test_oss_path_join_and_prefix():
     o = oss_storage()
     assert o.path_join("sessions/", "/s1/", "", "ws") == "sessions/s1/ws"
     assert storage_prefix("/sessions/s1/") == "sessions/s1"
-    for bad in ("", "/", "a/../b", "../a", "a//b", "a/./b"):
+    assert manifest_key("sessions/s1") == "sessions/s1.corral-sync.json"
+    for bad in ("", "/", "a/../b", "../a", "a//b", "a/./b", "s1.corral-sync.json"):
         with pytest.raises(InvalidRequest):
             storage_prefix(bad)
 
@@ -361,21 +372,41 @@ def test_oss_error_mapping_pickles():
     nf = map_oss_error(err(oss2.exceptions.NoSuchKey, 404, "NoSuchKey"), "get", "k")
     assert isinstance(nf, NotFound) and nf.details["request_id"] == "rid"
     denied = map_oss_error(err(oss2.exceptions.AccessDenied, 403, "AccessDenied"), "put", "k")
-    assert isinstance(denied, DriverError) and denied.retryable
+    assert isinstance(denied, StorageError) and denied.retryable and "access denied" in str(denied)
+    assert not is_transient(err(oss2.exceptions.AccessDenied, 403, "AccessDenied"))
+    assert is_transient(err(oss2.exceptions.ServerError, 503, "ServiceUnavailable"))
+    assert is_transient(err(oss2.exceptions.ServerError, 429, "Throttling"))
     bad_name = map_oss_error(err(oss2.exceptions.InvalidObjectName, 400, "InvalidObjectName"), "put", "k")
     assert isinstance(bad_name, InvalidRequest)
-    net = map_oss_error(oss2.exceptions.RequestError(ConnectionError("refused")), "list", "p")
-    assert isinstance(net, DriverError) and "refused" in str(net)
+    net = map_oss_error(oss2.exceptions.RequestError(ConnectionError("refused")), "list", "p", attempts=3)
+    assert isinstance(net, StorageError) and "refused" in str(net) and "after 3 attempts" in str(net)
+    assert is_transient(oss2.exceptions.RequestError(ConnectionError("refused")))
     disk = map_oss_error(OSError(28, "No space left on device"), "download", "p")
-    assert isinstance(disk, DriverError)
+    assert isinstance(disk, StorageError) and not is_transient(OSError(28, "No space left on device"))
     for e in (nf, denied, net):
         again = pickle.loads(pickle.dumps(e))
         assert type(again) is type(e) and again.details == e.details
 
 
 def test_oss_construction_makes_no_connection():
-    o = oss_storage()
-    assert o._bucket is None  # the bucket is made lazily, on first transfer
+    # nothing listens on port 9 (discard); construction must not notice
+    o = OSSStorage("http://127.0.0.1:9", "id", "secret", "bucket-1")
+    assert o.bucket.bucket_name == "bucket-1"
+
+
+def test_oss_error_text_holds_no_credentials():
+    from corral.storage.oss import _register_secret
+
+    _register_secret("LTAIunitKeyId", "unit-secret-value")
+    details = {"Code": "SignatureDoesNotMatch", "Message": "m", "OSSAccessKeyId": "LTAIunitKeyId",
+               "SignatureProvided": "abc=", "StringToSign": "PUT\n\n\nDate\n/b/k"}
+    exc = oss2.exceptions.ServerError(403, {}, b"", details)
+    mapped = map_oss_error(exc, "upload", "k")
+    assert "LTAIunitKeyId" not in str(mapped) and "abc=" not in str(mapped)
+    assert "check oss_access_key_secret" in str(mapped)
+    line = "headers: {'authorization': 'OSS LTAIunitKeyId:c2lnbmF0dXJl', 'date': 'x'} unit-secret-value"
+    assert redact(line) == "headers: {'authorization': '<redacted>', 'date': 'x'} <redacted>"
+    assert redact(str(exc)).count("<redacted>") >= 3 and "LTAIunitKeyId" not in redact(str(exc))
 
 
 def test_async_loop_not_blocked(ws, store):
