@@ -48,6 +48,7 @@ class NodeSet:
         self.config = config
         self.owner = owner
         self.nodes: dict[str, NodeInfo] = {}
+        self.cluster_size = 1  # live nodes of the Ray cluster, eligible or not
 
     def eligible(self, entry: dict) -> bool:
         res = self.config.node_resource
@@ -70,6 +71,7 @@ class NodeSet:
         """Read the node table; returns (nodes that came, nodes that went). Pools of new nodes
         are started (or found, after a registry restart) before this returns."""
         entries = await asyncio.to_thread(ray.nodes)
+        self.cluster_size = sum(1 for e in entries if e.get("Alive"))
         live = {e["NodeID"]: e for e in entries if self.eligible(e)}
         came = [n for n in live if n not in self.nodes]
         went = [n for n in self.nodes if n not in live]
@@ -89,6 +91,17 @@ class NodeSet:
             if t not in info.pools:
                 info.pools[t] = await asyncio.to_thread(
                     PoolHandle.create, raw, t, info.node_id, self.owner, self.config.namespace)
+
+    def advertise(self, node: str) -> Optional[str]:
+        """The address a box on ``node`` listens and is reached at (see ``advertise_host``): None
+        (the driver's loopback default) on a single-node cluster, the node's address otherwise."""
+        want = self.config.advertise_host
+        if want and want != "node":
+            return want
+        if want == "node" or self.cluster_size > 1:
+            info = self.nodes.get(node)
+            return info.address if info else None
+        return None
 
     def pool(self, sandbox_type: str, node: str) -> Optional[PoolHandle]:
         info = self.nodes.get(node)

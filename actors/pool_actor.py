@@ -29,7 +29,7 @@ from corral.client._http import tls_context
 from corral.core.stats import LatencyWindow
 from corral.drivers import ContainerSpec, make_driver
 from corral.errors import CorralError, DriverError, InvalidRequest, SandboxError
-from corral.models import LABEL_MANAGED, LABEL_OWNER, LABEL_REGISTRY, ContainerModel, SandboxManagerEnvConfig
+from corral.models import LABEL_MANAGED, LABEL_NODE, LABEL_OWNER, LABEL_REGISTRY, ContainerModel, SandboxManagerEnvConfig
 
 from .common import CONTROL_NICE, Ticker, fire, set_priority
 from .metrics import pool_metrics
@@ -45,6 +45,15 @@ KEEP_RESULTS = 120.0
 MAX_REMOVALS = 2
 #: Seconds between checks that the boxes of this node are alive, where the engine sends no events.
 ALIVE_EVERY = 1.0
+
+
+def node_driver_config(config: SandboxManagerEnvConfig, node: str):
+    """The driver config of one node. The process driver keeps each node's boxes in a directory of
+    their own: nodes that share a file system (several on one machine) never list each other's."""
+    cfg = config.driver_config()
+    if cfg.type == "process":
+        cfg = cfg.model_copy(update={"root": os.path.join(cfg.root, node[:12])})
+    return cfg
 
 
 def _error(e: BaseException) -> dict:
@@ -63,7 +72,7 @@ class PoolActor:
         self.node = node_id
         self.owner = owner
         self.ns = self.config.namespace
-        self.driver = make_driver(self.config.driver_config())
+        self.driver = make_driver(node_driver_config(self.config, node_id))
         self._starting: dict[str, asyncio.Future] = {}
         self._results: dict[str, tuple[float, dict]] = {}
         self._removals = asyncio.Semaphore(MAX_REMOVALS)
@@ -99,8 +108,9 @@ class PoolActor:
         return {LABEL_MANAGED: "true", LABEL_REGISTRY: self.ns}
 
     def _ours(self, labels: dict) -> bool:
-        """A container of this registry instance (one carrying no owner label predates owners)."""
-        return labels.get(LABEL_OWNER, self.owner) == self.owner
+        """A container of this registry instance (one carrying no owner label predates owners), made
+        for this node (a node whose engine is shared lists only its own)."""
+        return labels.get(LABEL_OWNER, self.owner) == self.owner and labels.get(LABEL_NODE) in (None, "", self.node)
 
     # -- starts ------------------------------------------------------------------
 
@@ -109,8 +119,9 @@ class PoolActor:
         ``{"name", "ok": True, "container_id", "url", "ports"}`` or ``{"name", "ok": False, "error"}``.
 
         An item: ``{"record", "spec"}`` (the ContainerSpec fields the registry chose: image,
-        environment, limits, labels) and ``"expect_storage"`` (the workspace was synced before,
-        so its download must find it)."""
+        environment, limits, labels) and ``"download"``: None (a new workspace), "optional" (bring
+        what storage holds, if anything) or "expected" (the workspace was synced: a download that
+        does not find all of it fails the start and says what is missing)."""
         futs = []
         for item in items:
             name = item["record"]["container_name"]
@@ -139,8 +150,10 @@ class PoolActor:
             if rec.mount_dir:
                 workspace = os.path.abspath(rec.mount_dir)
                 os.makedirs(workspace, exist_ok=True)
-                if rec.storage_path and self.storage is not None:
-                    await self.storage.download_folder_async(rec.storage_path, workspace)
+                download = item.get("download")
+                if download and rec.storage_path and self.storage is not None:
+                    await self.storage.download_folder_async(rec.storage_path, workspace,
+                                                             expect=download == "expected")
             spec = ContainerSpec(**{**item["spec"], "name": name, "token": rec.runtime_token, "workspace": workspace})
             handle = await self.driver.create(spec)
             try:

@@ -229,7 +229,17 @@ class RegistryActor:
     # -- nodes -----------------------------------------------------------------
 
     async def _follow_nodes(self) -> None:
+        was_single = self.nodes.cluster_size <= 1
         came, went = await self.nodes.refresh()
+        if was_single and self.nodes.cluster_size > 1 and not self.config.advertise_host:
+            # Other nodes joined: a warm sandbox listening on loopback is out of their reach. It is
+            # replaced by one on the node's address; sandboxes in use stay with their sessions.
+            tds = [td for r in self.core.by_state(S.WARM) if (r.url or "").startswith("http://127.0.0.1")
+                   for td in [self.core.release(r.container_name)] if td is not None]
+            if tds:
+                logger.info("the cluster has several nodes now: replacing %d warm sandboxes that listen on "
+                            "127.0.0.1 only", len(tds))
+                self.outbox.put(*[("teardown", td) for td in tds])
         for node in came:
             self._watch(node)
             await self._reconcile_node(node)  # a node that comes back may still run old sandboxes
@@ -320,15 +330,18 @@ class RegistryActor:
         t = self.config.sandbox_type(rec.sandbox_type)
         env = {**t.environment, **self._start_env.pop(rec.container_name, {})}
         return {"image": t.image, "labels": labels_for(rec, self.ns, self.owner), "environment": env,
+                "host": self.nodes.advertise(self.core.node_of(rec)),
                 "readonly_mounts": {os.path.abspath(h): c for h, c in (self.config.readonly_mounts or {}).items()},
                 "cpus": t.cpus, "memory": t.memory, "pids_limit": t.pids_limit, "network_mode": t.network_mode}
 
-    def _dispatch(self, recs: list[ContainerModel], expect_storage: Optional[set] = None) -> None:
-        """Send STARTING records to the pools of their type and node, one call per pool."""
+    def _dispatch(self, recs: list[ContainerModel], download: Optional[str] = None) -> None:
+        """Send STARTING records to the pools of their type and node, one call per pool.
+        ``download``: "expected" when their workspaces were synced before (see PoolActor.start);
+        otherwise whatever storage holds for them is brought in, as the reference does."""
         groups: dict[tuple, list[dict]] = {}
         for rec in recs:
             item = {"record": rec.model_dump(mode="json"), "spec": self._spec(rec),
-                    "expect_storage": bool(expect_storage and rec.container_name in expect_storage)}
+                    "download": download or ("optional" if rec.storage_path else None)}
             groups.setdefault((rec.sandbox_type, self.core.node_of(rec)), []).append(item)
             self._dispatched.add(rec.container_name)
         for (t, node), items in groups.items():
@@ -384,17 +397,18 @@ class RegistryActor:
             elif rec.state == S.RUNNING:
                 self.outbox.put(*self.sessions.claimed([rec]))
             return
-        self.core.start_failed(name, counts=counts)
         err = r.get("error") or {}
+        if self.core.start_failed(name, counts=counts) is not None and counts:
+            self.core.pool(rec.sandbox_type).last_error = err.get("message")
         if fut is not None and not fut.done():
             fut.set_exception(error_class(err.get("code", ""))(err.get("message", "the start failed")))
 
-    async def _start_and_wait(self, rec: ContainerModel, env: dict, expect_storage: bool) -> ContainerModel:
+    async def _start_and_wait(self, rec: ContainerModel, env: dict, download: Optional[str]) -> ContainerModel:
         fut = asyncio.get_running_loop().create_future()
         self._start_futs[rec.container_name] = fut
         if env:
             self._start_env[rec.container_name] = env
-        self._dispatch([rec], {rec.container_name} if expect_storage else None)
+        self._dispatch([rec], download)
         return await fut
 
     # -- waiting ---------------------------------------------------------------
@@ -477,7 +491,8 @@ class RegistryActor:
             try:
                 out[i] = await self._await_waiter(wid, fut, timeout, lambda: (
                     f"no warm {t!r} sandbox within {timeout:.0f}s (warm={self.core.warm_count(t)}, "
-                    f"starting={self.core.count(t, S.STARTING)}, waiting={self.core.lines.warm_waiting(t)})"))
+                    f"starting={self.core.count(t, S.STARTING)}, waiting={self.core.lines.warm_waiting(t)})"
+                    + self._last_failure(t)))
             except CorralError as e:
                 out[i] = e
         if waits:
@@ -491,7 +506,17 @@ class RegistryActor:
             self._observe_acquires(t, (time.perf_counter() - t0) * 1000, ok)
         return out
 
+    def _last_failure(self, t: str) -> str:
+        pool = self.core.pool(t)
+        if not pool.failures or not pool.last_error:
+            return ""
+        return f"; its last {pool.failures} starts failed, the last with: {pool.last_error[:500]}"
+
     def _check_node(self, node: Optional[str]) -> None:
+        if not self.nodes.nodes:
+            raise InvalidRequest(
+                "no node of this Ray cluster can run sandboxes of this namespace"
+                + (f" (none has the resource {self.config.node_resource!r})" if self.config.node_resource else ""))
         if not node or node == "any" or node.startswith("local:"):
             return
         if node not in self.nodes.nodes:
@@ -518,7 +543,7 @@ class RegistryActor:
         rec = await self._reserve_wait(dict(sandbox_type=t, session_ctx_id=session, meta=meta, mount_dir=mount_dir,
                                             storage_path=storage_path, prefer=_strict(node)), timeout)
         await self._commit()
-        rec = await self._start_and_wait(rec, env, expect_storage=False)
+        rec = await self._start_and_wait(rec, env, None)
         await self._commit()
         self.outbox.put(*self.sessions.claimed([rec]))
         return rec.model_dump(mode="json")
@@ -660,7 +685,7 @@ class RegistryActor:
                 mount_dir=old.mount_dir, storage_path=old.storage_path, prefer=node if here else None,
             ), self.config.acquire_timeout)
             await self._commit()
-            new = await self._start_and_wait(rec, {}, expect_storage=synced and not here)
+            new = await self._start_and_wait(rec, {}, "expected" if synced else None)
             self.core.replace(old.container_name, new.container_name)
             restored.append(new)
         await self._commit()
@@ -752,6 +777,7 @@ class RegistryActor:
         """Grow a type's warm target by ``n`` ahead of a burst; with ``wait``, until that many are warm."""
         await self._ready()
         t = self.config.sandbox_type(sandbox_type).name
+        self._check_node(None)
         pool = self.core.pool(t)
         target = pool.reserve(n)
         self._kick()
@@ -760,7 +786,7 @@ class RegistryActor:
             while self.core.warm_count(t) < min(target, pool.target):
                 if time.monotonic() > deadline:
                     raise CapacityError(f"pool {t!r}: {self.core.warm_count(t)} of {target} warm after {timeout:.0f}s"
-                                        + (f" (last start failures: {pool.failures})" if pool.failures else ""))
+                                        + self._last_failure(t))
                 await asyncio.sleep(0.05)
         return self._pool_stats(t)
 
@@ -816,6 +842,8 @@ class RegistryActor:
             "tick_errors": self._ticker.errors if self._ticker else 0,
             "started_at": self.started_at,
             "nice": self.nice,
+            "pid": os.getpid(),
+            "node": self.node,
             "acquire_ms": self.acquire_ms.summary(),
             "lane": {"path": self._lane.path, "served": self._lane.served} if self._lane else None,
         }

@@ -64,8 +64,7 @@ async def _episode(m, i: int, calls: int) -> dict:
 
 
 def cmd_demo(args) -> int:
-    from corral.manager import SandboxManager
-    from corral.manager import down
+    from corral.manager import SandboxManager, down
 
     cfg = _config(args)
     cfg = cfg.model_copy(update={"pool_size": args.episodes})
@@ -93,24 +92,34 @@ def cmd_demo(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from corral.manager import SandboxManager
+    """Show a running namespace; starts nothing and changes nothing."""
+    from corral.manager._sync.ops import Ops
+    from corral.manager.cluster import connect
 
-    m = SandboxManager(_config(args))
-    st = m.status()
+    ops = Ops(connect(_config(args), join_only=True, quiet=True))
+    try:
+        st = ops.status()
+    finally:
+        ops.close()
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return 0
     print(f"namespace {st['namespace']}: {st['active']} active (limit {st['limit'] or 'none'}), "
           f"{len(st['sessions'])} sessions, {st['session_actors']} session actors "
-          f"(+{st['spare_session_actors']} spare)")
+          f"(+{st['spare_session_actors']} spare), {st['starts_in_flight']} starts in flight, "
+          f"{st['waiting_for_slot']} waiting for a slot")
     print("\npools:")
-    print(_table(list(st["pools"].values()), ["sandbox_type", "target", "warm", "starting", "resetting", "waiting",
-                                              "started_total", "failed_total"]))
-    recs = [r for r in st["records"] if r["state"] not in ("RELEASED",)]
-    print(f"\ncontainers ({len(recs)} not released):")
+    print(_table(list(st["pools"].values()), ["sandbox_type", "target", "warm", "starting", "resetting", "running",
+                                              "waiting", "started_total", "failed_total"]))
+    print("\nnodes:")
+    print(_table([{"node": n[:12], **v, **v.get("states", {})} for n, v in st["nodes"].items()],
+                 ["node", "address", "capacity", "start_limit", "active", "starting", "WARM", "RUNNING"]))
+    recs = [r for r in st["records"] if r["state"] not in ("RELEASED", "REPLACED")]
+    print(f"\nsandboxes ({len(recs)} not released):")
     for r in recs:
         r["idle_s"] = round(time.time() - r["last_active_at"], 1) if r.get("last_active_at") else ""
-    print(_table(recs, ["container_name", "sandbox_type", "state", "session_ctx_id", "url", "idle_s"]))
+        r["node"] = (r.get("node_id") or "")[:12]
+    print(_table(recs, ["container_name", "sandbox_type", "state", "session_ctx_id", "node", "url", "idle_s"]))
     return 0
 
 
@@ -121,7 +130,8 @@ def cmd_down(args) -> int:
     print(f"released {len(out['released'])} sandboxes" + (":" if out["released"] else ""))
     for n in out["released"]:
         print(f"  {n}")
-    print(f"stopped {out['actors']} actors; containers left: {out['containers_left']}")
+    print(f"stopped {out['actors']} actors; removed {out['swept']} containers left on this machine; "
+          f"containers left: {out['containers_left']}")
     return 0 if out["containers_left"] == 0 else 1
 
 
@@ -149,6 +159,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     bench_arguments(sub.add_parser("bench", help="RL-shaped benchmark: corral vs destroy-on-release, no pool, "
                                                   "direct HTTP (writes DIR/bench.json and DIR/bench.png)"))
+    sub.add_parser("chaos", help="break corral on purpose and count what it survives (corral chaos --help)",
+                   add_help=False)
+    if argv is None:
+        argv = sys.argv[1:]
+    if "chaos" in argv:  # its own parser: `corral chaos --driver docker --only ...`
+        from corral.chaos import main as chaos_main
+
+        return chaos_main(argv[argv.index("chaos") + 1:])
     args = p.parse_args(argv)
     try:
         return {"demo": cmd_demo, "status": cmd_status, "down": cmd_down, "bench": cmd_bench}[args.cmd](args)

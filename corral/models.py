@@ -202,10 +202,7 @@ class SandboxTypeConfig(_Config):
     @field_validator("environment")
     @classmethod
     def _env_ok(cls, v: dict) -> dict:
-        for k, val in v.items():
-            if val is None:
-                raise ValueError(f"environment variable {k!r} is None")
-        return v
+        return check_env(v)
 
 
 _REDIS_KEYS = {
@@ -265,6 +262,11 @@ class SandboxManagerEnvConfig(_Config):
     )
     max_starting_per_node: Optional[int] = Field(
         None, ge=1, le=1024, description="Sandboxes one node starts at once; None: from its CPUs.",
+    )
+    advertise_host: Optional[str] = Field(
+        None, description="Where boxes listen and are reached: None = 127.0.0.1 on a single-node Ray cluster, "
+        "each node's Ray address on several nodes; 'node' = always the node's address; an address = that one "
+        "(a single machine whose sandboxes are reached from elsewhere). Every route still needs the box's token.",
     )
     driver: Optional[DriverConfig] = Field(
         None, description="Explicit driver settings; None = the defaults of `container_deployment`."
@@ -349,17 +351,34 @@ def labels_for(rec: "ContainerModel", namespace: str, owner: str) -> dict[str, s
     }
 
 
+#: Linux refuses, at exec, one ``NAME=value`` string longer than 128 KiB (MAX_ARG_STRLEN) and an
+#: environment near ARG_MAX: an env that large is refused where it is given, not at the first command.
+MAX_ENV_ENTRY = 128 * 1024 - 1
+MAX_ENV_TOTAL = 1024 * 1024
+
+
 def check_env(environment: Optional[dict]) -> dict[str, str]:
-    """Validate a per-call environment: keys are names, values are not None."""
+    """Validate a per-call environment: keys are names, values are not None, sizes exec accepts."""
     if environment is None:
         return {}
     if not isinstance(environment, dict):
         raise InvalidRequest(f"environment must be a dict, got {type(environment).__name__}")
     out = {}
+    total = 0
     for k, v in environment.items():
         if not isinstance(k, str) or not k or "=" in k or "\0" in k:
-            raise InvalidRequest(f"environment variable name {k!r} is not valid")
+            raise InvalidRequest(f"environment variable name {k!r:.80} is not valid")
         if v is None:
             raise InvalidRequest(f"environment variable {k!r} is None")
-        out[k] = str(v)
+        v = str(v)
+        if "\0" in v:
+            raise InvalidRequest(f"environment variable {k!r} holds a NUL byte")
+        size = len(k.encode()) + len(v.encode()) + 2
+        if size > MAX_ENV_ENTRY:
+            raise InvalidRequest(f"environment variable {k!r} is {size} bytes; a process accepts at most "
+                                 f"{MAX_ENV_ENTRY} per variable (put large data in a file instead)")
+        total += size
+        out[k] = v
+    if total > MAX_ENV_TOTAL:
+        raise InvalidRequest(f"the environment is {total} bytes; at most {MAX_ENV_TOTAL}")
     return out

@@ -773,8 +773,15 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``corral bench``: start (or join) Ray once, run, print the table and the targets, stop what it started."""
+    import importlib.util
+
     import ray
 
+    from corral.errors import InvalidRequest
+
+    if importlib.util.find_spec("matplotlib") is None:  # before minutes of work, not after
+        raise InvalidRequest("corral bench draws its figure with matplotlib, which is not installed: "
+                             "pip install 'corral[notebooks]' (or matplotlib)")
     p = params_from_args(args)
     started = False
     if not ray.is_initialized():

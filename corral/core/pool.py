@@ -44,6 +44,7 @@ class PoolCore:
         self.base_target = check_size(target)
         self.extra = 0  # added by reserve(), consumed as acquires take sandboxes
         self.failures = 0  # consecutive failed starts
+        self.last_error: Optional[str] = None  # why the last failed start failed (said when acquires time out)
         self.retry_at = 0.0  # no refill before this time (back-off after failures)
         self.surplus_since: Optional[float] = None
         self.strikes: dict[str, int] = {}  # warm sandbox -> consecutive failed probes
@@ -127,6 +128,7 @@ class PoolCore:
             "sandbox_type": self.sandbox_type,
             "target": self.target,
             "failures": self.failures,
+            "last_error": self.last_error if self.failures else None,
             "backoff_s": round(self.backoff(), 2),
             "started_total": self.started_total,
             "failed_total": self.failed_total,

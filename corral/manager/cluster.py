@@ -29,13 +29,15 @@ from typing import Any, Optional
 
 import ray
 
-from corral.errors import InvalidRequest, SandboxError
+from corral.errors import InvalidRequest, NotFound, SandboxError
 from corral.models import SandboxManagerEnvConfig
 from corral.statedir import ClusterRecord, cluster_lock
 
 from . import _errors
 
-__all__ = ["Cluster", "connect", "resolve_paths", "ensure_ray", "config_differences", "this_node", "OWNERSHIP"]
+__all__ = [
+    "Cluster", "connect", "join_existing", "resolve_paths", "ensure_ray", "config_differences", "this_node", "OWNERSHIP",
+]
 
 logger = logging.getLogger("corral")
 
@@ -67,8 +69,10 @@ def _answers(address: Optional[str], timeout: float = 2.0) -> bool:
 
 
 def _ray_head_on_this_machine() -> Optional[str]:
-    """The address ``ray start --head`` recorded on this machine, if any."""
-    path = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp/ray"), "ray_current_cluster")
+    """The address ``ray start --head`` recorded on this machine, if any (where Ray keeps it:
+    ``$RAY_TMPDIR``, else ``$TMPDIR``, else ``/tmp``, then ``ray/ray_current_cluster``)."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    path = os.path.join(base, "ray", "ray_current_cluster")
     try:
         with open(path) as f:
             return f.read().strip() or None
@@ -177,8 +181,33 @@ def config_differences(mine: SandboxManagerEnvConfig, running: SandboxManagerEnv
     return [f"{k}: yours {a[k]!r}, running {b[k]!r}" for k in _COMPARED if a.get(k) != b.get(k)]
 
 
-def connect(config: SandboxManagerEnvConfig, address: Optional[str] = None, quiet: bool = False) -> Cluster:
-    """Get or create the registry of ``config``'s namespace (which starts its pools)."""
+def join_existing(config: SandboxManagerEnvConfig, state_dirs: list[str] = ()) -> bool:
+    """Join the cluster a namespace runs on, if one answers; never start one. Candidates:
+    ``RAY_ADDRESS``, the clusters recorded in ``state_dirs`` (and the config's), a ``ray start``
+    head on this machine."""
+    if ray.is_initialized():
+        return True
+    candidates = [os.environ.get("RAY_ADDRESS")]
+    for state in [config.abs_state_dir(), *state_dirs]:
+        rec = ClusterRecord.read(state)
+        candidates.append(rec.address if rec else None)
+    candidates.append(_ray_head_on_this_machine())
+    for address in candidates:
+        if address and (address == "auto" or _answers(address)):
+            try:
+                _init(address, config.namespace)
+                return True
+            except Exception as e:
+                logger.warning("could not join the Ray cluster at %s: %s", address, e)
+    return False
+
+
+def connect(config: SandboxManagerEnvConfig, address: Optional[str] = None, quiet: bool = False,
+            join_only: bool = False) -> Cluster:
+    """Get or create the registry of ``config``'s namespace (which starts its pools).
+
+    ``join_only``: start nothing (no Ray cluster, no registry); a namespace that is not running
+    is :class:`corral.NotFound` (``corral status``)."""
     from corral.actors.common import registry_options
     from corral.actors.handles import REGISTRY_NAME
     from corral.actors.registry_actor import RegistryActor
@@ -186,9 +215,22 @@ def connect(config: SandboxManagerEnvConfig, address: Optional[str] = None, quie
     if not isinstance(config, SandboxManagerEnvConfig):
         raise InvalidRequest(f"config must be a SandboxManagerEnvConfig, got {type(config).__name__}")
     config = resolve_paths(config)
-    owned, sweep = ensure_ray(address, config)
-    registry = ray.remote(RegistryActor).options(**registry_options(REGISTRY_NAME, config.namespace)).remote(
-        config.model_dump(mode="json"), sweep)
+    if join_only:
+        if address:
+            _init(address, config.namespace)
+        elif not join_existing(config):
+            raise NotFound(f"no Ray cluster runs corral namespace {config.namespace!r} here (none answers at "
+                           "RAY_ADDRESS, in the state dir's record or as a `ray start` head on this machine)")
+        try:
+            registry = ray.get_actor(REGISTRY_NAME, namespace=config.namespace)
+        except ValueError:
+            raise NotFound(f"corral namespace {config.namespace!r} is not running on the Ray cluster at "
+                           f"{ray.get_runtime_context().gcs_address}") from None
+        owned, sweep = False, False
+    else:
+        owned, sweep = ensure_ray(address, config)
+        registry = ray.remote(RegistryActor).options(**registry_options(REGISTRY_NAME, config.namespace)).remote(
+            config.model_dump(mode="json"), sweep)
     try:
         hello = ray.get(registry.hello.remote())  # answers once the registry is up
     except Exception as e:

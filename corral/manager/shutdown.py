@@ -12,44 +12,25 @@ whose cluster is gone are found too. It reports what it removed, truthfully.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
+import re
 import sys
 import time
+
 import ray
 
 from corral.drivers import make_driver
 from corral.drivers.config import DockerDriverConfig, ProcessDriverConfig
 from corral.models import LABEL_MANAGED, LABEL_REGISTRY, SandboxManagerEnvConfig
-from corral.statedir import ClusterRecord, forget, recall
+from corral.statedir import forget, recall
 
 from . import _errors
-from .cluster import _answers, _init, _ray_head_on_this_machine, resolve_paths, run_sync
+from .cluster import join_existing, resolve_paths, run_sync
 
 __all__ = ["down"]
 
 logger = logging.getLogger("corral")
-
-
-def _join(config: SandboxManagerEnvConfig, uses: list[dict]) -> bool:
-    """Join the cluster the namespace runs on, if one answers; never start one (nothing to stop there)."""
-    if ray.is_initialized():
-        return True
-    import os
-
-    candidates = [os.environ.get("RAY_ADDRESS")]
-    for use in uses:
-        rec = ClusterRecord.read(use["state_dir"])
-        candidates.append(rec.address if rec else None)
-    candidates.append(_ray_head_on_this_machine())
-    for address in candidates:
-        if address and (address == "auto" or _answers(address)):
-            try:
-                _init(address, config.namespace)
-                return True
-            except Exception as e:
-                logger.warning("could not join the Ray cluster at %s: %s", address, e)
-    return False
 
 
 def _registry(namespace: str):
@@ -87,8 +68,14 @@ async def _sweep(namespace: str, uses: list[dict]) -> tuple[int, int]:
     removed = left = 0
     seen: set[str] = set()
     labels = {LABEL_MANAGED: "true", LABEL_REGISTRY: namespace}
+    configs = []
     for use in uses:
         cfg = _driver_config(use)
+        configs.append(cfg)
+        if cfg.type == "process" and os.path.isdir(cfg.root):  # each node's boxes in a directory of its own
+            configs += [cfg.model_copy(update={"root": os.path.join(cfg.root, d)}) for d in sorted(os.listdir(cfg.root))
+                        if re.fullmatch(r"[0-9a-f]{12}", d) and os.path.isdir(os.path.join(cfg.root, d))]
+    for cfg in configs:
         key = cfg.model_dump_json()
         if key in seen:
             continue
@@ -128,7 +115,7 @@ def down(config: SandboxManagerEnvConfig, timeout: float = 30.0, announce: bool 
     if mine not in uses:
         uses.append(mine)
     out = {"released": [], "actors": 0, "swept": 0, "containers_left": 0}
-    if _join(config, uses):
+    if join_existing(config, [u["state_dir"] for u in uses]):
         registry = _registry(ns)
         if registry is not None:
             try:

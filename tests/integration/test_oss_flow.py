@@ -144,10 +144,6 @@ def test_a_refused_sync_keeps_the_workspace_and_restore_says_why(make_manager, o
     m.release(new[0])
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "the pool actor's teardown removes a released session's own mount dir even when the upload "
-    "before it failed (actors/pool_actor.py: teardown -> _remove_own_mount), so the only copy goes"
-))
 def test_a_release_whose_sync_fails_keeps_the_workspace(make_manager, oss_server):
     m = make_manager(pool_size=0, **oss_config(oss_server, storage_folder=FOLDER))
     name = m.create(meta={"session_ctx_id": "oss-release-fault"})
@@ -163,3 +159,5 @@ def test_a_release_whose_sync_fails_keeps_the_workspace(make_manager, oss_server
     while os.path.exists(mount) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert os.path.exists(os.path.join(mount, "precious.txt")), "the failed sync lost the only copy"
+    err = wait_for(lambda: m.get_info(name).get("storage_error"), what="the record to say the sync failed")
+    assert "precious.txt" in err and SECRET not in err and "upload" in err
