@@ -58,7 +58,7 @@ class FakeDriver(Driver):
             h = next((c for c in self.containers.values() if c.name == container_id), None)
         return h
 
-    async def start(self, container_id: str) -> None:
+    async def start(self, container_id: str, token: Optional[str] = None) -> None:
         await self._tick("start", container_id)
         h = self._get(container_id)
         if h is None:

@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.docker, pytest.mark.ray]
 @pytest.fixture
 def docker_manager(docker_ready, make_manager):
     def make(**kw):
-        return make_manager(container_deployment="docker", **kw)
+        # The tests' own network (tests/docker/testkit.py), never the production one.
+        return make_manager(container_deployment="docker", driver=testkit.driver_config(), **kw)
 
     return make
 
@@ -82,7 +83,7 @@ def test_reconcile_removes_an_orphan_and_adopts_a_known_container(docker_manager
 
     m = docker_manager(pool_size=0)
     known = m.create(meta={"session_ctx_id": "keep-me"})
-    driver = DockerDriver()
+    driver = DockerDriver(testkit.driver_config())
     orphan_name = testkit.unique_name("orphan")
     orphan = asyncio.run(driver.create(ContainerSpec(
         name=orphan_name, token="t" * 32, image=testkit.IMAGE,
