@@ -379,8 +379,11 @@ class DockerDriver(Driver):
         except NotFound:
             return None
 
-    async def _ensure_network(self) -> None:
-        """Create corral's network and install the firewall once per driver (idempotent across processes)."""
+    async def ensure_network(self) -> None:
+        """Create corral's network and install its firewall on this node; once per driver, idempotent.
+
+        Every create and start calls it; call it yourself to set the node up ahead of time.
+        """
         if self._network_ready:
             return
         async with self._network_lock:
@@ -506,7 +509,7 @@ class DockerDriver(Driver):
     async def create(self, spec: ContainerSpec) -> ContainerHandle:
         self._check_spec(spec)
         allowed = await self._allowed(spec.allow) if spec.network == "allowlist" else []
-        await self._ensure_network()
+        await self.ensure_network()
         api = await self._api()
         if spec.workspace:
             with _mapped("preparing the workspace"):
@@ -618,7 +621,7 @@ class DockerDriver(Driver):
         # No label: not made by this driver; no rule is the safe side (nothing leaves it).
         mode = labels.get(LABEL_NETWORK, "none")
         allowed = await self._allowed(json.loads(labels.get(LABEL_ALLOW) or "[]")) if mode == "allowlist" else []
-        await self._ensure_network()
+        await self.ensure_network()
         await self._call(f"starting container {container_id}", self._start_with_token, api, container_id, token)
         info = await self._call(f"inspecting container {container_id}", api.inspect_container, container_id)
         handle = self._handle_from_inspect(info)

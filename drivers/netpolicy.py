@@ -320,6 +320,25 @@ def _parse_dispatch(listing: str, chain: str) -> list[_Rule]:
 # --- running them -------------------------------------------------------------
 
 
+def bridged_filtering(path: str = "/proc/sys/net/bridge/bridge-nf-call-iptables") -> None:
+    """DriverError unless iptables sees traffic between two ports of one bridge (br_netfilter).
+
+    Without it, two sandboxes on corral's bridge talk past every rule, the
+    engine's inter-container DROP included. The engine turns it on when it
+    makes a network with inter-container traffic off; this checks it did.
+    """
+    try:
+        with open(path) as f:
+            on = f.read().strip() == "1"
+    except OSError:
+        on = False
+    if not on:
+        raise DriverError(
+            f"{path} is not 1: iptables does not see traffic between sandboxes on one bridge, so nothing "
+            "would keep them apart. Load br_netfilter (modprobe br_netfilter) and set it to 1"
+        )
+
+
 def _tool(name: str) -> Optional[str]:
     # Ray workers and services often run with a PATH that lacks the sbin directories.
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
@@ -418,6 +437,7 @@ class Firewall:
     async def ensure(self) -> None:
         """Install (or rewrite) the network's chains and hooks; the caller holds ``node_lock``."""
         c = self.chains
+        bridged_filtering()
         if not await self._chain_exists(c.dispatch):
             await self._must("iptables", ["-N", c.dispatch])
         listing = await self._must("iptables", ["-S", c.dispatch])

@@ -157,3 +157,15 @@ async def test_process_driver_refuses_modes_it_cannot_enforce(tmp_path):
         await d.create(ContainerSpec(name="n", token="  short  "))
     assert list(tmp_path.iterdir()) == []  # refused before anything was made
     await d.close()
+
+
+def test_bridged_traffic_must_pass_iptables(tmp_path):
+    from corral.drivers.netpolicy import bridged_filtering
+
+    on, off = tmp_path / "on", tmp_path / "off"
+    on.write_text("1\n")
+    off.write_text("0\n")
+    bridged_filtering(str(on))
+    for path in (off, tmp_path / "missing"):
+        with pytest.raises(corral.DriverError, match="br_netfilter"):
+            bridged_filtering(str(path))

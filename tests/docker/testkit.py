@@ -20,6 +20,7 @@ path: the test folders are not packages). It owns three things:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from typing import Any, Iterator, Optional
@@ -48,17 +49,23 @@ def driver_config(**kw: Any):
 
 
 def teardown_network(config=None) -> None:
-    """Remove a test network and its rules (idempotent), with a driver of its own."""
+    """Remove a test network, its rules and its lock file (idempotent), with a driver of its own."""
     from corral.drivers.docker import DockerDriver
+    from corral.drivers.netpolicy import NodeLock
+
+    config = config or driver_config()
 
     async def run() -> None:
-        driver = DockerDriver(config or driver_config())
+        driver = DockerDriver(config)
         try:
             await driver.teardown_network()
         finally:
             await driver.close()
 
     asyncio.run(run())
+    # Test sessions run one at a time (the heavy lock): nobody else waits on this file.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(NodeLock(config.network_name).path)
 
 
 def _client():
