@@ -113,5 +113,10 @@ class Driver(abc.ABC):
         network of their own have nothing to remove.
         """
 
+    async def reconcile_network(self) -> int:
+        """Put back whatever this node's network policy lost (e.g. to a firewall reload); returns how
+        many sandboxes got their rule back. For a periodic tick; nothing to do without a policy."""
+        return 0
+
     async def close(self) -> None:
         """Release client resources (not containers)."""

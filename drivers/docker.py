@@ -67,6 +67,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import math
 import os
 import socket
@@ -85,6 +86,8 @@ from .config import DockerDriverConfig
 from .netpolicy import Firewall, NodeLock, host_resolvers, ipv4_networks, split_allow
 
 __all__ = ["DockerDriver", "map_status", "LABEL_NETWORK", "LABEL_ALLOW"]
+
+logger = logging.getLogger(__name__)
 
 #: The sandbox's network mode and allow list, so a restart (or a new driver) applies them again.
 LABEL_NETWORK = "corral.network"
@@ -483,7 +486,50 @@ class DockerDriver(Driver):
         if not ip:
             raise DriverError(f"container {info.get('Name', container_id)} has no address on network "
                               f"{self.config.network_name}")
-        await self._firewall.admit(container_id, ip, mode, allowed)
+        try:
+            await self._firewall.admit(container_id, ip, mode, allowed)
+        except DriverError:
+            # The shared chains may be gone (a reload of the node's firewall flushes them):
+            # put them back once and try again.
+            self._network_ready = False
+            await self.ensure_network()
+            await self._firewall.admit(container_id, ip, mode, allowed)
+
+    async def reconcile_network(self) -> int:
+        """Put the network's rules back as they should be; returns how many sandboxes got their rule back.
+
+        For a periodic check: reloading the node's firewall (firewalld, ufw,
+        a restore of the host's own rules) removes corral's chains and hooks,
+        and until they are back the sandboxes on this node are not walled off.
+        This rewrites the shared chains and hooks and re-admits every running
+        sandbox on the network whose rule is missing, from its labels.
+        """
+        self._network_ready = False
+        await self.ensure_network()
+        if self._firewall is None:
+            return 0
+        api = await self._api()
+        rows = await self._call("listing containers", api.containers,
+                                filters={"network": self.config.network_name, "label": f"{LABEL_MANAGED}=true"})
+        have = await self._firewall.admitted()
+        fixed = 0
+        for row in rows:
+            labels = row.get("Labels") or {}
+            mode = labels.get(LABEL_NETWORK, "none")
+            net = ((row.get("NetworkSettings") or {}).get("Networks") or {}).get(self.config.network_name) or {}
+            ip = net.get("IPAddress")
+            if mode == "none" or not ip or have.get(row["Id"][:12]) == ip:
+                continue
+            try:
+                allowed = await self._allowed(json.loads(labels.get(LABEL_ALLOW) or "[]")) if mode == "allowlist" else []
+            except CorralError as e:
+                # A host name that no longer resolves (or now lands in a blocked range): no rule,
+                # so the sandbox sends nothing, which is the safe side.
+                logger.warning("sandbox %s keeps no network rule: %s", row["Id"][:12], e)
+                continue
+            await self._firewall.admit(row["Id"], ip, mode, allowed)
+            fixed += 1
+        return fixed
 
     @staticmethod
     def _start_with_token(api: Any, container_id: str, token: str) -> None:

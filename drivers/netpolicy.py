@@ -506,6 +506,13 @@ class Firewall:
             if await self._chain_exists(chain):
                 await self._drop_chain(chain)
 
+    async def admitted(self) -> dict[str, str]:
+        """Container id prefix -> address of every sandbox rule in the dispatch chain."""
+        rc, listing, _ = await self._run("iptables", ["-S", self.chains.dispatch])
+        if rc != 0:
+            return {}
+        return {r.owner: r.source for r in _parse_dispatch(listing, self.chains.dispatch) if r.owner and r.source}
+
     async def rules(self) -> dict[str, str]:
         """``iptables -S`` of each of the network's chains that exists (for tests and diagnostics)."""
         out = {}

@@ -273,6 +273,37 @@ async def test_an_allow_entry_in_a_blocked_range_is_refused(lab):
             await lab.create(TOKEN, network="allowlist", allow=[entry])
 
 
+async def test_after_a_firewall_reload_reconcile_puts_every_wall_back(lab):
+    await lab.cleanup()  # only this test's sandboxes on the network
+    port = lab.outside_port
+    sandboxes = {mode: await lab.create(TOKEN, network=mode, allow=[OUTSIDE] if mode == "allowlist" else [])
+                 for mode in ("egress", "allowlist", "none")}
+    # What a reload of the node's firewall (firewalld, ufw) does to corral's rules: gone, hooks and all.
+    for tool, chain, rule in (("iptables", "INPUT", ["-i", NETWORK, "-j", f"CORRAL-IN-{NETWORK}"]),
+                              ("iptables", "DOCKER-USER", ["-i", NETWORK, "-j", f"CORRAL-FWD-{NETWORK}"])):
+        _iptables("-D", chain, *rule, tool=tool)
+    chains = [line.split()[1] for line in _iptables("-S").splitlines()
+              if line.startswith("-N CORRAL-") and (NETWORK in line or "CORRAL-A-" in line)]
+    for flag in ("-F", "-X"):
+        for chain in chains:
+            _iptables(flag, chain)
+    assert "CORRAL-" not in _iptables("-S")
+
+    assert await lab.driver.reconcile_network() == 2  # egress and allowlist; "none" has no rule
+    assert await lab.driver.reconcile_network() == 0  # nothing missing any more
+    on_gateway = lab.listen_on_host(GATEWAY)
+    targets = [(OUTSIDE, port), (OUTSIDE_OTHER, port), (CLUSTER_NODE, port), (GATEWAY, on_gateway.port)]
+    expect = {
+        "egress": ["open", "open", "TimeoutError", "TimeoutError"],
+        "allowlist": ["open", "TimeoutError", "TimeoutError", "TimeoutError"],
+        "none": ["TimeoutError"] * 4,
+    }
+    results = await asyncio.gather(*(lab.probe(h.url, TOKEN, targets) for h in sandboxes.values()))
+    for mode, seen in zip(sandboxes, results):
+        assert list(seen.values()) == expect[mode], (mode, seen)
+    await lab.cleanup()
+
+
 async def test_rules_go_with_their_sandboxes_and_the_network_with_teardown(lab):
     h = await lab.create(TOKEN, network="allowlist", allow=[OUTSIDE])
     cid12 = h.container_id[:12]
