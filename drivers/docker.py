@@ -268,7 +268,7 @@ class DockerDriver(Driver):
         except CorralError as e:
             return f"(logs unavailable: {e})"
 
-    # -- create --------------------------------------------------------------
+    # -- container settings --------------------------------------------------
 
     def _check_spec(self, spec: ContainerSpec) -> None:
         check_token(spec.token, "token")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shlex
 import socket
-import subprocess
 import threading
 from typing import Optional
 

@@ -22,6 +22,7 @@ import corral
 from corral.client import AsyncBoxClient
 
 from _lab import CLUSTER_NODE, GATEWAY, NETWORK, OUTSIDE, OUTSIDE_OTHER
+from corral_docker_testkit import unique_name
 
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
 
@@ -189,7 +190,7 @@ async def test_a_short_or_blank_token_is_refused(lab):
     try:
         c = client.containers.run(lab.image, detach=True, environment={"SECRET_TOKEN": "   "},
                                   network_mode="none", labels={"corral.managed": "true"},
-                                  name=corral_name("blank"))
+                                  name=unique_name("blank"))
         try:
             assert c.wait(timeout=60)["StatusCode"] == 2
             log = c.logs().decode()
@@ -198,12 +199,6 @@ async def test_a_short_or_blank_token_is_refused(lab):
             c.remove(force=True)
     finally:
         client.close()
-
-
-def corral_name(prefix: str) -> str:
-    from corral_docker_testkit import unique_name
-
-    return unique_name(prefix)
 
 
 # --- the network ------------------------------------------------------------
