@@ -332,7 +332,8 @@ class RegistryActor:
         return {"image": t.image, "labels": labels_for(rec, self.ns, self.owner), "environment": env,
                 "host": self.nodes.advertise(self.core.node_of(rec)),
                 "readonly_mounts": {os.path.abspath(h): c for h, c in (self.config.readonly_mounts or {}).items()},
-                "cpus": t.cpus, "memory": t.memory, "pids_limit": t.pids_limit, "network_mode": t.network_mode}
+                "cpus": t.cpus, "memory": t.memory, "pids_limit": t.pids_limit, "network": t.network,
+                "allow": list(t.allow)}
 
     def _dispatch(self, recs: list[ContainerModel], download: Optional[str] = None) -> None:
         """Send STARTING records to the pools of their type and node, one call per pool.

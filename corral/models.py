@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from corral.drivers.config import DockerDriverConfig, DriverConfig, ProcessDriverConfig
+from corral.drivers.netpolicy import NetworkMode, check_network
 
 from .errors import InvalidRequest, UnknownSandboxType
 
@@ -184,7 +185,12 @@ class SandboxTypeConfig(_Config):
     cpus: Optional[float] = Field(None, gt=0, le=1024, description="CPU limit (Docker).")
     memory: Optional[str] = Field(None, description="Memory limit, e.g. '512m' (Docker).")
     pids_limit: Optional[int] = Field(256, gt=0, description="Max processes (Docker).")
-    network_mode: Optional[str] = Field(None, description="Docker network mode (a user-defined network for untrusted code; 'none' and 'host' are refused: the box must be reachable on 127.0.0.1).")
+    network: NetworkMode = Field("egress", description=(
+        "What the sandboxes may reach (docker driver; docs/security.md): 'none' (nothing: only the host reaches "
+        "the box's port), 'egress' (any address outside the driver's blocked ranges) or 'allowlist' (only "
+        "`allow`). In every mode they reach neither each other nor any port of their host."))
+    allow: list[str] = Field(default_factory=list, description=(
+        "For network='allowlist': IPv4 CIDRs or host names (resolved when a sandbox starts)."))
     reuse: bool = Field(False, description="On release, reset the sandbox and return it to the pool instead of destroying it.")
     kernel_reset: Literal["restart", "namespace"] = Field(
         "restart",
@@ -198,6 +204,11 @@ class SandboxTypeConfig(_Config):
         if not _NAME_RE.match(v):
             raise ValueError(f"sandbox type name {v!r} must match {_NAME_RE.pattern}")
         return v
+
+    @model_validator(mode="after")
+    def _network_ok(self) -> "SandboxTypeConfig":
+        check_network(self.network, self.allow)
+        return self
 
     @field_validator("environment")
     @classmethod

@@ -15,7 +15,9 @@ import abc
 import asyncio
 from typing import AsyncIterator, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .netpolicy import NetworkMode, check_network
 
 __all__ = ["ContainerSpec", "ContainerHandle", "Driver", "BOX_PORT"]
 
@@ -30,7 +32,7 @@ class ContainerSpec(BaseModel):
 
     name: str = Field(description="Unique container name (the record's container_name).")
     image: str = Field("corral-box:latest", description="Image (Docker); the process driver ignores it.")
-    token: str = Field(description="The box's bearer token, passed as SECRET_TOKEN.")
+    token: str = Field(description="The box's bearer token; drivers hand it to the box on its stdin, never in its environment.")
     labels: dict[str, str] = Field(default_factory=dict)
     environment: dict[str, str] = Field(default_factory=dict)
     workspace: Optional[str] = Field(None, description="Host directory mounted read-write at /workspace.")
@@ -38,8 +40,19 @@ class ContainerSpec(BaseModel):
     cpus: Optional[float] = None
     memory: Optional[str] = None
     pids_limit: Optional[int] = None
-    network_mode: Optional[str] = None
+    network: NetworkMode = Field("egress", description=(
+        "What the sandbox may reach: 'none', 'egress' (anything outside the blocked ranges) or 'allowlist' "
+        "(only `allow`). In every mode it reaches neither other sandboxes nor its host (docker driver)."))
+    allow: list[str] = Field(default_factory=list, description="CIDRs or host names (resolved at start) for 'allowlist'.")
+    host: Optional[str] = Field(None, description=(
+        "The address the box is published on (Docker) or listens at (process), and reached at: the node's "
+        "address when other nodes must reach it; None: the driver's default, 127.0.0.1."))
     ready_timeout: float = Field(60.0, description="Seconds to wait for the box's health route.")
+
+    @model_validator(mode="after")
+    def _network_ok(self) -> "ContainerSpec":
+        check_network(self.network, self.allow)
+        return self
 
 
 class ContainerHandle(BaseModel):
@@ -69,7 +82,13 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, container_id: str, token: Optional[str] = None) -> None:
-        """Start a stopped container (no-op when running); ``token``: the box's current token."""
+        """Start a stopped container (no-op when running) with ``token`` as its box's token.
+
+        A started box reads its token once and nothing keeps a copy the sandbox
+        could read, so a driver may need it again here: the docker driver
+        requires it for a stopped container; the process driver falls back to
+        the one in its metadata.
+        """
 
     @abc.abstractmethod
     async def stop(self, container_id: str, timeout: float = 1.0) -> None:
@@ -106,6 +125,18 @@ class Driver(abc.ABC):
                     yield name
             running = now
             await asyncio.sleep(every)
+
+    async def teardown_network(self) -> None:
+        """Remove what the driver set up on this node for its sandboxes' network (idempotent).
+
+        For ``corral down``, after every sandbox is gone. Drivers without a
+        network of their own have nothing to remove.
+        """
+
+    async def reconcile_network(self) -> int:
+        """Put back whatever this node's network policy lost (e.g. to a firewall reload); returns how
+        many sandboxes got their rule back. For a periodic tick; nothing to do without a policy."""
+        return 0
 
     async def close(self) -> None:
         """Release client resources (not containers)."""

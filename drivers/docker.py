@@ -31,20 +31,31 @@ How a container is made (:meth:`DockerDriver.create`):
   nice 0: 32 busy sandboxes at Docker's default would leave corral's actors a
   thirty-third of the CPU on a saturated node. The weight only counts under
   contention: an otherwise idle CPU still goes to the sandboxes;
+- the token: never in the container's environment (PID 1 keeps a copy there
+  that the sandbox's code could read). The container is made with stdin open
+  for one attach; the driver attaches, starts it and writes the token as one
+  line; the box reads it (``CORRAL_TOKEN_FILE=-``) and the engine closes that
+  stdin when the driver detaches. A caller's ``SECRET_TOKEN`` or
+  ``CORRAL_TOKEN_FILE`` in ``spec.environment`` is dropped;
 - ready when ``GET /v1/healthz`` answers 200 to the token, polled every 20 ms
   up to ``spec.ready_timeout``. On any failure (or cancellation) the container
   is removed and :class:`corral.DriverError` carries its last log lines.
 
-Networks: ``network_mode`` None is Docker's default bridge; a user-defined
-network name works the same way. ``"none"``, ``"host"`` and
-``"container:<id>"`` are refused with :class:`corral.InvalidRequest`: without
-a published port on 127.0.0.1 the driver cannot reach the box at all (and
-corral never connects to a container's bridge address). For untrusted code,
-attach the sandbox to a user-defined network whose egress is firewalled.
+Network (docs/security.md): every sandbox joins ``config.network_name``, a
+bridge network the driver creates on first use (``config.subnet``,
+inter-container traffic off) and :meth:`DockerDriver.teardown_network`
+removes. With ``config.firewall`` the driver also keeps the iptables rules of
+:mod:`~corral.drivers.netpolicy` on this node: no sandbox reaches its host or
+another sandbox, and each gets its ``spec.network`` mode (``none``,
+``egress``, ``allowlist``) from the moment it starts, before its box is
+handed out. The published port stays reachable from 127.0.0.1 in every mode.
+The mode and allow list are kept in the container's labels, so a restart
+applies them again.
 
-A restarted container may get a new host port (the engine picks one again on
-every start): after :meth:`DockerDriver.start`, take the url from
-:meth:`DockerDriver.inspect`.
+A restarted container may get a new host port and a new address (the engine
+picks both again on every start): after :meth:`DockerDriver.start`, take the
+url from :meth:`DockerDriver.inspect`. A stopped container's box needs its
+token again: ``start(container_id, token)``.
 
 ``stop`` and ``remove`` are idempotent; ``inspect`` of an unknown container is
 None and its ``status`` is ``"missing"``.
@@ -54,22 +65,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
+import logging
 import math
 import os
+import socket
 import threading
 import time
 from typing import Any, AsyncIterator, Callable, Iterator, Optional, TypeVar
 
 import httpx
 
+from corral.box.auth import check_token
 from corral.client._http import tls_context
 from corral.errors import Conflict, CorralError, DriverError, InvalidRequest, NotFound
 from corral.models import LABEL_MANAGED
 
 from .base import BOX_PORT, ContainerHandle, ContainerSpec, Driver
 from .config import DockerDriverConfig
+from .netpolicy import Firewall, NodeLock, host_resolvers, ipv4_networks, split_allow
 
-__all__ = ["DockerDriver", "map_status"]
+__all__ = ["DockerDriver", "map_status", "LABEL_NETWORK", "LABEL_ALLOW"]
+
+logger = logging.getLogger(__name__)
+
+#: The sandbox's network mode and allow list, so a restart (or a new driver) applies them again.
+LABEL_NETWORK = "corral.network"
+LABEL_ALLOW = "corral.allow"
+#: Environment names the box reads its token by: a caller's spec may not set them.
+_TOKEN_ENV = ("SECRET_TOKEN", "CORRAL_TOKEN_FILE")
 
 T = TypeVar("T")
 
@@ -93,8 +118,6 @@ _STATUS = {
     "removing": "missing",
     "dead": "missing",
 }
-
-_REFUSED_NETWORKS = ("none", "host")
 
 
 def map_status(docker_state: Optional[str]) -> str:
@@ -164,6 +187,14 @@ class DockerDriver(Driver):
         self.config = config or DockerDriverConfig()
         self._client = client
         self._client_lock = asyncio.Lock()
+        cfg = self.config
+        self._node_lock = NodeLock(cfg.network_name)
+        self._firewall: Optional[Firewall] = None
+        if cfg.firewall:
+            dns = host_resolvers() if cfg.dns_servers is None else cfg.dns_servers
+            self._firewall = Firewall(cfg.network_name, cfg.subnet, cfg.blocked_cidrs, dns, self._node_lock)
+        self._network_ready = False
+        self._network_lock = asyncio.Lock()
 
     # -- plumbing ------------------------------------------------------------
 
@@ -190,22 +221,23 @@ class DockerDriver(Driver):
 
         return await asyncio.to_thread(run)
 
-    def _url_host(self) -> str:
+    def _url_host(self, host_ip: Optional[str] = None) -> str:
         # A box published on every interface is still reached through loopback.
-        return "127.0.0.1" if self.config.host_ip in ("0.0.0.0", "") else self.config.host_ip
+        host = host_ip or self.config.host_ip
+        return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
     def _handle_from_inspect(self, info: dict) -> ContainerHandle:
-        port = None
+        port = host_ip = None
         bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(_PORT_KEY) or []
         for b in bindings:
             if b.get("HostPort"):
-                port = int(b["HostPort"])
+                port, host_ip = int(b["HostPort"]), b.get("HostIp")
                 break
         cfg = info.get("Config") or {}
         return ContainerHandle(
             container_id=info["Id"],
             name=(info.get("Name") or "").lstrip("/"),
-            url=f"http://{self._url_host()}:{port}" if port else None,
+            url=f"http://{self._url_host(host_ip)}:{port}" if port else None,
             ports=[port] if port else [],
             status=map_status((info.get("State") or {}).get("Status")),
             labels=cfg.get("Labels") or {},
@@ -213,16 +245,16 @@ class DockerDriver(Driver):
         )
 
     def _handle_from_list(self, row: dict) -> ContainerHandle:
-        port = None
+        port = host_ip = None
         for p in row.get("Ports") or []:
             if p.get("PrivatePort") == BOX_PORT and p.get("PublicPort"):
-                port = int(p["PublicPort"])
+                port, host_ip = int(p["PublicPort"]), p.get("IP")
                 break
         names = row.get("Names") or [""]
         return ContainerHandle(
             container_id=row["Id"],
             name=names[0].lstrip("/"),
-            url=f"http://{self._url_host()}:{port}" if port else None,
+            url=f"http://{self._url_host(host_ip)}:{port}" if port else None,
             ports=[port] if port else [],
             status=map_status(row.get("State")),
             labels=row.get("Labels") or {},
@@ -238,19 +270,16 @@ class DockerDriver(Driver):
         except CorralError as e:
             return f"(logs unavailable: {e})"
 
-    # -- create --------------------------------------------------------------
+    # -- container settings --------------------------------------------------
 
     def _check_spec(self, spec: ContainerSpec) -> None:
-        if not spec.token:
-            raise InvalidRequest("token is empty: the box refuses to start without a SECRET_TOKEN")
+        check_token(spec.token, "token")
         if not spec.name:
             raise InvalidRequest("name is empty")
-        mode = spec.network_mode
-        if mode in _REFUSED_NETWORKS or (mode or "").startswith("container:"):
+        if self._firewall is None and spec.network != "egress":
             raise InvalidRequest(
-                f"network_mode {mode!r} is not supported by the docker driver: the box must be reachable "
-                f"through a port published on {self.config.host_ip}, which that mode does not allow; "
-                "use a user-defined network with its egress firewalled instead"
+                f"network {spec.network!r} needs corral's firewall, and this docker driver runs without it "
+                "(DockerDriverConfig.firewall=False): it would not be enforced"
             )
         for host, target in spec.readonly_mounts.items():
             if not os.path.isabs(target):
@@ -275,14 +304,19 @@ class DockerDriver(Driver):
             volumes[os.path.abspath(spec.workspace)] = {"bind": "/workspace", "mode": "rw"}
         for host, target in spec.readonly_mounts.items():
             volumes[os.path.abspath(host)] = {"bind": target, "mode": "ro"}
-        labels = {**spec.labels, LABEL_MANAGED: "true"}
-        # The token last: a caller's environment cannot replace it.
-        # CORRAL_BOX_CONTAINER: the box owns this PID namespace and /tmp, so its reset may clear both
-        env = {**spec.environment, "SECRET_TOKEN": spec.token, "CORRAL_BOX_CONTAINER": "1"}
+        labels = {**spec.labels, LABEL_MANAGED: "true", LABEL_NETWORK: spec.network}
+        if spec.network == "allowlist":
+            labels[LABEL_ALLOW] = json.dumps(spec.allow)
+        env = {k: v for k, v in spec.environment.items() if k not in _TOKEN_ENV}
+        # The token comes on stdin ("-"), written by the driver at start: not in any environment.
+        # CORRAL_BOX_CONTAINER: the box owns this PID namespace and /tmp, so its reset may clear both.
+        env.update(CORRAL_TOKEN_FILE="-", CORRAL_BOX_CONTAINER="1")
         host_config: dict[str, Any] = dict(
-            port_bindings={BOX_PORT: (cfg.host_ip, None)},
+            port_bindings={BOX_PORT: (spec.host or cfg.host_ip, None)},
             binds=volumes,
-            network_mode=spec.network_mode,
+            network_mode=cfg.network_name,
+            # The network is IPv4 only; no IPv6 either on the link to the host.
+            sysctls={"net.ipv6.conf.all.disable_ipv6": "1"},
             nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
             mem_limit=spec.memory,
             pids_limit=spec.pids_limit,
@@ -308,12 +342,222 @@ class DockerDriver(Driver):
             environment=env,
             user=cfg.user,
             ports=[BOX_PORT],
-            detach=True,
+            # stdin open, closed by the engine after the first attach ends (docker-py sets
+            # StdinOnce for a container that is not detached): the token's one way in.
+            stdin_open=True,
+            detach=False,
             host_config=host_config,
         )
 
+    # -- the network ---------------------------------------------------------
+
+    def _engine_is_local(self) -> bool:
+        url = self.config.base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        if url.startswith(("unix://", "npipe://", "/")):
+            return True
+        host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+        return host in ("127.0.0.1", "localhost", "::1")
+
+    def _check_network(self, info: dict) -> None:
+        cfg = self.config
+        options = info.get("Options") or {}
+        subnets = [c.get("Subnet") for c in ((info.get("IPAM") or {}).get("Config") or [])]
+        wrong = []
+        if info.get("Driver") != "bridge":
+            wrong.append(f"driver {info.get('Driver')!r} (want 'bridge')")
+        if options.get("com.docker.network.bridge.enable_icc") != "false":
+            wrong.append("inter-container traffic on (want com.docker.network.bridge.enable_icc=false)")
+        if options.get("com.docker.network.bridge.name") != cfg.network_name:
+            wrong.append(f"bridge {options.get('com.docker.network.bridge.name')!r} (want {cfg.network_name!r})")
+        if subnets != [cfg.subnet]:
+            wrong.append(f"subnets {subnets} (want [{cfg.subnet!r}])")
+        if wrong:
+            raise DriverError(
+                f"Docker network {cfg.network_name!r} exists with other settings: {'; '.join(wrong)}. "
+                f"Remove it (docker network rm {cfg.network_name}) or name another in DockerDriverConfig.network_name"
+            )
+
+    async def _network_info(self, api: Any) -> Optional[dict]:
+        try:
+            return await self._call(f"inspecting network {self.config.network_name}", api.inspect_network,
+                                    self.config.network_name)
+        except NotFound:
+            return None
+
+    async def ensure_network(self) -> None:
+        """Create corral's network and install its firewall on this node; once per driver, idempotent.
+
+        Every create and start calls it; call it yourself to set the node up ahead of time.
+        """
+        if self._network_ready:
+            return
+        async with self._network_lock:
+            if self._network_ready:
+                return
+            cfg = self.config
+            if self._firewall is not None and not self._engine_is_local():
+                raise DriverError(
+                    "corral's firewall runs on this node, but the Docker engine is remote "
+                    f"({cfg.base_url or os.environ.get('DOCKER_HOST')}): run the driver on the engine's node, "
+                    "or set DockerDriverConfig.firewall=False (then sandboxes are not walled off from the host)"
+                )
+            api = await self._api()
+            async with self._node_lock():
+                info = await self._network_info(api)
+                if info is None:
+                    await self._create_network(api)
+                    info = await self._network_info(api)
+                    if info is None:
+                        raise DriverError(f"Docker network {cfg.network_name!r} vanished right after its creation")
+                self._check_network(info)
+                if self._firewall is not None:
+                    await self._firewall.ensure()
+            self._network_ready = True
+
+    async def _create_network(self, api: Any) -> None:
+        import docker.types
+
+        cfg = self.config
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=cfg.subnet)])
+        try:
+            await self._call(
+                f"creating network {cfg.network_name}", api.create_network, cfg.network_name,
+                driver="bridge", ipam=ipam, check_duplicate=True, enable_ipv6=False,
+                labels={LABEL_MANAGED: "true"},
+                options={
+                    "com.docker.network.bridge.name": cfg.network_name,
+                    "com.docker.network.bridge.enable_icc": "false",
+                    "com.docker.network.bridge.enable_ip_masquerade": "true",
+                },
+            )
+        except Conflict:
+            pass  # made meanwhile by a process that did not take the node's lock: checked by the caller
+
+    async def teardown_network(self) -> None:
+        """Remove corral's network and its iptables rules from this node (idempotent).
+
+        Refused (:class:`corral.Conflict`) while any container, running or not,
+        is still attached: its walls would go with the rules.
+        """
+        cfg = self.config
+        api = await self._api()
+        async with self._network_lock:
+            async with self._node_lock():
+                info = await self._network_info(api)
+                if info is not None:
+                    rows = await self._call("listing containers", api.containers, all=True,
+                                            filters={"network": cfg.network_name})
+                    if rows:
+                        names = sorted((r.get("Names") or ["?"])[0].lstrip("/") for r in rows)
+                        raise Conflict(
+                            f"network {cfg.network_name} still has {len(rows)} container(s) ({', '.join(names[:5])}); "
+                            "remove them before tearing the network down"
+                        )
+                    with contextlib.suppress(NotFound):
+                        await self._call(f"removing network {cfg.network_name}", api.remove_network, info["Id"])
+                if self._firewall is not None:
+                    await self._firewall.teardown()
+            self._network_ready = False
+
+    async def _allowed(self, allow: list[str]) -> list[ipaddress.IPv4Network]:
+        """An allow list as networks: host names resolved now; refused when in a blocked range."""
+        nets, hosts = split_allow(allow)
+        loop = asyncio.get_running_loop()
+        for host in hosts:
+            try:
+                infos = await loop.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+            except socket.gaierror as e:
+                raise DriverError(f"allow: cannot resolve {host!r}: {e.strerror or e}") from None
+            nets.extend(ipaddress.ip_network(f"{i[4][0]}/32") for i in infos)
+        walls = ipv4_networks([*self.config.blocked_cidrs, self.config.subnet], "blocked_cidrs")
+        for net in nets:
+            for wall in walls:
+                if net.overlaps(wall):
+                    raise InvalidRequest(
+                        f"allow: {net} lies in {wall}, which no sandbox may reach (DockerDriverConfig.blocked_cidrs "
+                        "or corral's own subnet); take it out of blocked_cidrs to allow it"
+                    )
+        return sorted(set(nets))
+
+    async def _admit(self, container_id: str, info: dict, mode: str, allowed: list) -> None:
+        """Give a started container its network mode's rule before its box is handed out."""
+        if self._firewall is None:
+            return
+        net = ((info.get("NetworkSettings") or {}).get("Networks") or {}).get(self.config.network_name) or {}
+        ip = net.get("IPAddress")
+        if not ip:
+            raise DriverError(f"container {info.get('Name', container_id)} has no address on network "
+                              f"{self.config.network_name}")
+        try:
+            await self._firewall.admit(container_id, ip, mode, allowed)
+        except DriverError:
+            # The shared chains may be gone (a reload of the node's firewall flushes them):
+            # put them back once and try again.
+            self._network_ready = False
+            await self.ensure_network()
+            await self._firewall.admit(container_id, ip, mode, allowed)
+
+    async def reconcile_network(self) -> int:
+        """Put the network's rules back as they should be; returns how many sandboxes got their rule back.
+
+        For a periodic check: reloading the node's firewall (firewalld, ufw,
+        a restore of the host's own rules) removes corral's chains and hooks,
+        and until they are back the sandboxes on this node are not walled off.
+        This rewrites the shared chains and hooks and re-admits every running
+        sandbox on the network whose rule is missing, from its labels.
+        """
+        self._network_ready = False
+        await self.ensure_network()
+        if self._firewall is None:
+            return 0
+        api = await self._api()
+        rows = await self._call("listing containers", api.containers,
+                                filters={"network": self.config.network_name, "label": f"{LABEL_MANAGED}=true"})
+        have = await self._firewall.admitted()
+        fixed = 0
+        for row in rows:
+            labels = row.get("Labels") or {}
+            mode = labels.get(LABEL_NETWORK, "none")
+            net = ((row.get("NetworkSettings") or {}).get("Networks") or {}).get(self.config.network_name) or {}
+            ip = net.get("IPAddress")
+            if mode == "none" or not ip or have.get(row["Id"][:12]) == ip:
+                continue
+            try:
+                allowed = await self._allowed(json.loads(labels.get(LABEL_ALLOW) or "[]")) if mode == "allowlist" else []
+            except CorralError as e:
+                # A host name that no longer resolves (or now lands in a blocked range): no rule,
+                # so the sandbox sends nothing, which is the safe side.
+                logger.warning("sandbox %s keeps no network rule: %s", row["Id"][:12], e)
+                continue
+            await self._firewall.admit(row["Id"], ip, mode, allowed)
+            fixed += 1
+        return fixed
+
+    @staticmethod
+    def _start_with_token(api: Any, container_id: str, token: str) -> None:
+        """Start the container and write the token to its stdin, the box's only way to get it.
+
+        Blocking (docker-py): runs in a thread. Attached before the start, as
+        ``docker start -ai`` does; the engine closes the container's stdin when
+        this attach ends, so nothing else can write to the box's stdin.
+        """
+        sock = api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
+        raw = getattr(sock, "_sock", sock)
+        try:
+            api.start(container_id)
+            raw.sendall(token.encode("ascii") + b"\n")
+            if type(raw) is socket.socket:
+                with contextlib.suppress(OSError):
+                    raw.shutdown(socket.SHUT_WR)
+        finally:
+            sock.close()
+
+    # -- create --------------------------------------------------------------
+
     async def create(self, spec: ContainerSpec) -> ContainerHandle:
         self._check_spec(spec)
+        allowed = await self._allowed(spec.allow) if spec.network == "allowlist" else []
+        await self.ensure_network()
         api = await self._api()
         if spec.workspace:
             with _mapped("preparing the workspace"):
@@ -343,7 +587,7 @@ class DockerDriver(Driver):
             await asyncio.shield(self._discard(making))
             raise
         try:
-            await self._call(f"starting container {spec.name}", api.start, container_id)
+            await self._call(f"starting container {spec.name}", self._start_with_token, api, container_id, spec.token)
             info = await self._call(f"inspecting container {spec.name}", api.inspect_container, container_id)
             handle = self._handle_from_inspect(info)
             if handle.url is None:
@@ -353,6 +597,7 @@ class DockerDriver(Driver):
                     f"container {spec.name} has no port published for {_PORT_KEY} "
                     f"(status {st.get('Status')}, exit code {st.get('ExitCode')})"
                 )
+            await self._admit(container_id, info, spec.network, allowed)
             await self._wait_ready(container_id, spec.name, handle.url, spec.token, spec.ready_timeout)
         except BaseException as e:
             cancelled = not isinstance(e, Exception)
@@ -414,12 +659,24 @@ class DockerDriver(Driver):
             raise DriverError(f"no such container {container_id}") from None
         if (info.get("State") or {}).get("Status") == "running":
             return
-        await self._call(f"starting container {container_id}", api.start, container_id)
+        if token is None:
+            raise InvalidRequest(
+                f"start {container_id}: the docker driver needs the box's token (token=...) to start a stopped "
+                "container: its box reads the token once, from stdin, and nothing in the sandbox keeps it"
+            )
+        check_token(token, "token")
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        # No label: not made by this driver; no rule is the safe side (nothing leaves it).
+        mode = labels.get(LABEL_NETWORK, "none")
+        allowed = await self._allowed(json.loads(labels.get(LABEL_ALLOW) or "[]")) if mode == "allowlist" else []
+        await self.ensure_network()
+        await self._call(f"starting container {container_id}", self._start_with_token, api, container_id, token)
         info = await self._call(f"inspecting container {container_id}", api.inspect_container, container_id)
         handle = self._handle_from_inspect(info)
         if handle.url is None:
             raise DriverError(f"container {container_id} has no port published for {_PORT_KEY}")
-        await self._wait_ready(container_id, handle.name, handle.url, None, _START_READY_TIMEOUT)
+        await self._admit(info["Id"], info, mode, allowed)
+        await self._wait_ready(container_id, handle.name, handle.url, token, _START_READY_TIMEOUT)
 
     async def stop(self, container_id: str, timeout: float = 1.0) -> None:
         api = await self._api()
@@ -430,12 +687,20 @@ class DockerDriver(Driver):
 
     async def remove(self, container_id: str) -> None:
         api = await self._api()
+        info = None
+        if self._firewall is not None:
+            with contextlib.suppress(NotFound):
+                info = await self._call(f"inspecting container {container_id}", api.inspect_container, container_id)
         try:
             await self._call(f"removing container {container_id}", api.remove_container, container_id, force=True)
         except NotFound:
             pass
         except Conflict:
             pass  # "removal already in progress": another caller is removing it
+        if info is not None and ((info.get("Config") or {}).get("Labels") or {}).get(LABEL_NETWORK) != "none":
+            # After the container is gone, so it never runs without its rule. A rule left behind
+            # (a crash in between) is replaced when its address is next handed out.
+            await self._firewall.forget(info["Id"])
 
     async def status(self, container_id: str) -> str:
         api = await self._api()

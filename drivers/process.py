@@ -1,8 +1,15 @@
 """The process driver: each sandbox is a box server running as a local process.
 
 The embedded default where no Docker engine runs. It isolates nothing (the box
-runs as this user, with this machine's filesystem); use the Docker driver for
-untrusted code. Read-only mounts and resource limits are not applied.
+runs as this user, with this machine's filesystem and network, and the code it
+runs can do whatever this user can); use the Docker driver for untrusted code.
+Read-only mounts, resource limits and network modes are not applied: a spec
+asking for network ``none`` or ``allowlist`` is refused rather than run
+without them.
+
+The token reaches the box on its stdin (``--token-file -``), never in its
+environment or command line, and the box makes itself non-dumpable; that keeps
+it from the box's children, not from this user, who can read ``meta.json``.
 
 What it owns: one directory per sandbox under ``config.root``
 (``<root>/<name>/meta.json``, ``box.log`` and, when the spec names no
@@ -10,7 +17,8 @@ workspace, ``workspace/``) and a short temp dir per sandbox under the system
 temp dir (the box's HOME and TMPDIR; short because the kernel's Unix sockets
 live there). ``meta.json`` holds the pid, port, labels and token
 (mode 0600), so :meth:`list` finds the boxes again after any restart, the way
-Docker finds containers by label.
+Docker finds containers by label, and :meth:`start` can hand a restarted box
+its token.
 
 Boxes are started through a small launcher that detaches them (new session,
 reparented away from the caller) and reports their pid: Ray kills an actor's
@@ -35,6 +43,7 @@ from typing import Optional
 import httpx
 import psutil
 
+from corral.box.auth import check_token
 from corral.client._http import tls_context
 from corral.errors import Conflict, DriverError, InvalidRequest
 
@@ -55,6 +64,7 @@ _LAUNCH_GRACE = 5.0  # seconds remove() waits for an in-flight launch to record 
 # starve the control plane that hands sandboxes out (a container gets CPU shares the same way).
 # It stays in the caller's session (no setsid): a session of its own would be a scheduling
 # autogroup of its own, where niceness no longer ranks it below the actors (corral/box/groups.py).
+# The box inherits the launcher's stdin: the pipe the driver writes the token to.
 _LAUNCHER = (
     "import os, subprocess, sys\n"
     "def lower():\n"
@@ -65,14 +75,14 @@ _LAUNCHER = (
     "            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
     "        except (AttributeError, OSError):\n"
     "            pass  # no SCHED_IDLE here (a sandboxed kernel): the niceness still ranks it\n"
-    "p = subprocess.Popen(sys.argv[3:], stdin=subprocess.DEVNULL,"
+    "p = subprocess.Popen(sys.argv[3:],"
     " stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(), preexec_fn=lower)\n"
     "print(p.pid, flush=True)\n"
 )
 
 
 class ProcessDriver(Driver):
-    """Runs ``python -m corral.box`` per sandbox on a 127.0.0.1 port."""
+    """Runs ``python -m corral.box`` per sandbox on a port of 127.0.0.1 (or of ``spec.host``)."""
 
     name = "process"
 
@@ -130,7 +140,7 @@ class ProcessDriver(Driver):
         return ContainerHandle(
             container_id=meta["name"],
             name=meta["name"],
-            url=f"http://127.0.0.1:{port}" if port else None,
+            url=f"http://{meta.get('host') or '127.0.0.1'}:{port}" if port else None,
             ports=[port] if port else [],
             status=status,
             labels=meta.get("labels", {}),
@@ -138,14 +148,17 @@ class ProcessDriver(Driver):
         )
 
     async def _spawn(self, cmd: list[str], env: dict, meta: dict) -> None:
-        """Run the launcher; record the box's pid in ``meta`` (and on disk) before returning."""
+        """Run the launcher; record the box's pid in ``meta`` (and on disk) before returning.
+
+        The token goes down the launcher's stdin, which the box inherits and reads once.
+        """
         name = meta["name"]
         with open(self._dir(name) / "box.log", "ab") as log:
             launcher = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log, env=env,
+                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, env=env,
                 cwd=meta["workspace"],
             )
-            out, _ = await launcher.communicate()
+            out, _ = await launcher.communicate((meta["token"] + "\n").encode("ascii"))
         try:
             meta["pid"] = int(out.decode().strip())
             meta["pid_started"] = psutil.Process(meta["pid"]).create_time()
@@ -199,14 +212,13 @@ class ProcessDriver(Driver):
             "HOME": str(tmp),
             "TMPDIR": str(tmp),
             "PYTHONUNBUFFERED": "1",
-            **meta.get("environment", {}),
-            "SECRET_TOKEN": meta["token"],
+            **{k: v for k, v in meta.get("environment", {}).items() if k not in ("SECRET_TOKEN", "CORRAL_TOKEN_FILE")},
         }
         port = meta.get("port") or 0
         cmd = [
             self.python, "-c", _LAUNCHER, str(self.config.nice), self.config.cpu_policy, self.python, "-m", "corral.box",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--workspace", meta["workspace"], "--ready-file", str(ready),
+            "--host", meta.get("host") or "127.0.0.1", "--port", str(port),
+            "--workspace", meta["workspace"], "--ready-file", str(ready), "--token-file", "-",
         ]
         launch = asyncio.ensure_future(self._spawn(cmd, env, meta))
         try:
@@ -232,7 +244,7 @@ class ProcessDriver(Driver):
             if meta.get("port"):
                 try:
                     r = await self._client().get(
-                        f"http://127.0.0.1:{meta['port']}/v1/healthz",
+                        f"http://{meta.get('host') or '127.0.0.1'}:{meta['port']}/v1/healthz",
                         headers={"Authorization": f"Bearer {meta['token']}"},
                     )
                     if r.status_code == 200:
@@ -247,6 +259,12 @@ class ProcessDriver(Driver):
         raise DriverError(f"box {name} did not become ready within {ready_timeout:.0f}s; log:\n{self._log_tail(name)}")
 
     async def create(self, spec: ContainerSpec) -> ContainerHandle:
+        check_token(spec.token, "token")
+        if spec.network != "egress":
+            raise InvalidRequest(
+                f"network {spec.network!r} needs the docker driver: the process driver applies no network "
+                "policy, so it would not be enforced"
+            )
         d = self._dir(spec.name)
         old = self._read_meta(spec.name)
         if old is not None and self._proc(old) is not None:
@@ -262,6 +280,7 @@ class ProcessDriver(Driver):
             "labels": {**spec.labels, "corral.managed": "true"},
             "environment": spec.environment,
             "workspace": str(workspace),
+            "host": spec.host or "127.0.0.1",
             "own_workspace": spec.workspace is None,
             "created_at": time.time(),
         }
@@ -278,6 +297,9 @@ class ProcessDriver(Driver):
         if meta is None:
             raise DriverError(f"no such container {container_id}")
         if self._proc(meta) is None:
+            if token is not None:
+                # The box's token may have been rotated by a reset since meta.json was written.
+                meta["token"] = check_token(token, "token")
             await self._launch(meta, 60.0)
 
     async def _kill(self, meta: dict, timeout: float = 1.0) -> None:

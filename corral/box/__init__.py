@@ -2,7 +2,8 @@
 
 Modules, each owning one thing:
 
-- :mod:`~corral.box.app` - ``create_app(runtime, token)``: routes, auth, error wire form
+- :mod:`~corral.box.app` - ``create_app(runtime, token)``: routes, error wire form
+- :mod:`~corral.box.auth` - the token rule, the gate every request passes first, token rotation at reset
 - :mod:`~corral.box.runtime` - :class:`BoxRuntime`: everything one sandbox owns; ``reset()``, ``close()``
 - :mod:`~corral.box.shell` - ``bash -c`` in its own process group, timeout, output cap, streaming
 - :mod:`~corral.box.kernel` - one real Jupyter kernel, cells one at a time
@@ -11,7 +12,8 @@ Modules, each owning one thing:
 - :mod:`~corral.box.workspace` - path confinement (realpath + commonpath) and file operations
 - :mod:`~corral.box.mcp_host` - stdio / SSE / streamable-HTTP MCP servers via the ``mcp`` SDK
 - :mod:`~corral.box.activity` - last activity, calls running, calls served
-- ``python -m corral.box`` (:mod:`~corral.box.__main__`) - the process: token, uvicorn, ready file, SIGTERM
+- ``python -m corral.box`` (:mod:`~corral.box.__main__`) - the process: non-dumpable, token (file, stdin
+  or env), uvicorn, ready file, SIGTERM
 
 The names below load lazily, so importing one small module (say the
 workspace) does not pull in FastAPI and jupyter_client.

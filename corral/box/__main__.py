@@ -1,9 +1,26 @@
-"""``python -m corral.box``: run the box server (see docs/box-api.md).
+"""``python -m corral.box``: run the box server (see docs/box-api.md, docs/security.md).
 
-Owns the process: reads the token from ``SECRET_TOKEN`` (none: exit 2), builds
-the runtime and the app, serves with uvicorn (one worker), writes the ready
-file once listening, and on SIGTERM/SIGINT stops serving and closes the
-runtime (kernel, shells, MCP servers) before exiting.
+Owns the process: makes itself non-dumpable, reads its token, builds the
+runtime and the app, serves with uvicorn (one worker), writes the ready file
+once listening, and on SIGTERM/SIGINT stops serving and closes the runtime
+(kernel, shells, MCP servers) before exiting.
+
+Where the token comes from, first match wins:
+
+- ``--token-file PATH`` (or ``CORRAL_TOKEN_FILE``): the file's first line; the
+  box deletes the file once read. ``-`` reads the first line of stdin instead,
+  which is how corral's drivers deliver it: nothing is left behind at all.
+- ``SECRET_TOKEN`` in the environment: for running the box by hand and for
+  images that follow the reference's convention. An environment is readable by
+  the code the box runs wherever a parent process (a container's init) keeps a
+  copy of it, so corral's drivers never use it.
+
+A token that breaks the rule of :func:`corral.box.auth.check_token` (fewer than
+16 visible characters, whitespace) is refused: exit code 2 and a message.
+
+Non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``): processes of the same uid, which
+is what every command and kernel the box starts is, can then neither read the
+box's ``/proc/<pid>/environ``, ``mem`` or ``fd/`` nor ptrace it.
 """
 
 from __future__ import annotations
@@ -14,12 +31,14 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["main", "parse_args", "write_ready_file"]
+__all__ = ["main", "parse_args", "write_ready_file", "read_token", "make_non_dumpable", "TokenError"]
 
 #: Seconds in-flight requests get to finish after SIGTERM before the box closes them.
 SHUTDOWN_GRACE = 2.0
@@ -27,6 +46,14 @@ SHUTDOWN_GRACE = 2.0
 #: (corral's drop theirs after 30 s): a server that closes first races a client that is
 #: sending a request on it, and the request fails with a reset connection.
 KEEP_ALIVE = 75
+#: Seconds the box waits for its token on stdin (``--token-file -``) before giving up.
+STDIN_TOKEN_TIMEOUT = 60.0
+#: Bytes read at most from a token source: a token is at most 4096 characters and a newline.
+_TOKEN_READ_LIMIT = 4097
+
+
+class TokenError(Exception):
+    """The box has no usable token: it must not start."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -36,6 +63,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--workspace", required=True, help="the workspace root (created if missing)")
     p.add_argument("--tmp-dir", default=None, help="HOME/TMPDIR for commands (default: a fresh temp dir)")
     p.add_argument("--ready-file", default=None, help='write {"port": P, "pid": N} here once listening')
+    p.add_argument(
+        "--token-file",
+        default=os.environ.get("CORRAL_TOKEN_FILE") or None,
+        help="read the bearer token from this file's first line and delete the file; '-' reads it from stdin "
+        "(default: $CORRAL_TOKEN_FILE, else the SECRET_TOKEN environment variable)",
+    )
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be 0..65535, got {args.port}")
@@ -107,15 +140,106 @@ async def _serve(args: argparse.Namespace, token: str) -> None:
         await runtime.close()
 
 
+def make_non_dumpable() -> bool:
+    """``prctl(PR_SET_DUMPABLE, 0)``: close this process's /proc files and ptrace to its own uid.
+
+    Returns False where there is no prctl (not Linux). Children get it back when
+    they exec, so commands and kernels are ordinary processes holding no secret.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    pr_set_dumpable = 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    return True
+
+
+def _first_line(data: bytes) -> str:
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        return line.decode("ascii")
+    except UnicodeDecodeError:
+        raise TokenError("the token must be ASCII") from None
+
+
+def _read_stdin_token(timeout: float) -> str:
+    """The first line of stdin, read within ``timeout``; stdin is /dev/null afterwards."""
+    fd = sys.stdin.fileno() if sys.stdin is not None else 0
+    data = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while b"\n" not in data and len(data) < _TOKEN_READ_LIMIT:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TokenError(f"no token arrived on stdin within {timeout:g}s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, _TOKEN_READ_LIMIT - len(data))
+            if not chunk:
+                break  # EOF: a token without a final newline
+            data += chunk
+    finally:
+        # Nothing the box starts inherits the pipe the token came through.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    if not data:
+        raise TokenError("stdin closed before a token arrived")
+    return _first_line(data)
+
+
+def read_token(token_file: Optional[str], environ: Optional[dict] = None, stdin_timeout: float = STDIN_TOKEN_TIMEOUT) -> str:
+    """The box's token from ``token_file`` (deleted once read; ``-``: stdin) or ``SECRET_TOKEN``.
+
+    Raises :class:`TokenError` with a message for the operator when there is
+    none, it breaks the token rule, or a token file cannot be deleted (the code
+    the box runs could read it then).
+    """
+    from ..errors import InvalidRequest
+    from .auth import check_token
+
+    environ = os.environ if environ is None else environ
+    if token_file == "-":
+        token, source = _read_stdin_token(stdin_timeout), "the token on stdin"
+    elif token_file:
+        try:
+            with open(token_file, "rb") as f:
+                data = f.read(_TOKEN_READ_LIMIT)
+        except OSError as e:
+            raise TokenError(f"cannot read the token file {token_file}: {e.strerror or e}") from None
+        try:
+            os.unlink(token_file)
+        except OSError as e:
+            raise TokenError(
+                f"cannot delete the token file {token_file} after reading it ({e.strerror or e}); "
+                "the code the box runs could read it, so the box does not start"
+            ) from None
+        token, source = _first_line(data), f"the token in {token_file}"
+    else:
+        token, source = environ.get("SECRET_TOKEN", ""), "SECRET_TOKEN"
+        if not token:
+            raise TokenError(
+                "no token: pass --token-file PATH (or '-' for stdin), or set SECRET_TOKEN; "
+                "the box refuses to start an open server"
+            )
+    try:
+        return check_token(token, source)
+    except InvalidRequest as e:
+        raise TokenError(str(e)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    token = os.environ.get("SECRET_TOKEN", "")
-    if not token:
-        print(
-            "corral box: SECRET_TOKEN is not set (or empty); refusing to start an open server. "
-            "Set SECRET_TOKEN to the bearer token clients will send.",
-            file=sys.stderr,
-        )
+    try:
+        # Before the token is read: from here on no process of this uid can read this one's memory.
+        make_non_dumpable()
+        token = read_token(args.token_file)
+    except (TokenError, OSError) as e:
+        print(f"corral box: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -4,7 +4,9 @@
 run now, and how many calls it has served. :class:`ActivityMiddleware` (pure
 ASGI, so a streamed response counts until its last byte) updates them at the
 start **and** the end of every call except the status routes, so a command
-that runs for an hour keeps ``running == 1`` the whole time.
+that runs for an hour keeps ``running == 1`` the whole time. It sits inside
+the token check (:class:`~corral.box.auth.AuthMiddleware`), so it only ever
+sees authorized calls: a request without the token cannot keep a box alive.
 """
 
 from __future__ import annotations

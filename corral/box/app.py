@@ -1,9 +1,14 @@
 """The box's HTTP API (docs/box-api.md): ``create_app(runtime, token)``.
 
-The app owns no state of its own: routes translate HTTP to calls on the
+The app owns no state of its own besides its :class:`~corral.box.auth.TokenGate`
+(the token it accepts now): routes translate HTTP to calls on the
 :class:`~corral.box.runtime.BoxRuntime` passed in, and errors to the wire form
 ``{"error": {"code", "message"}}``. Two route sets share one runtime: corral's
 ``/v1`` API and the reference's ``/fastapi`` routes with their exact shapes.
+
+Layers, outermost first: the token check (:class:`~corral.box.auth.AuthMiddleware`:
+401 on every path without the token), then activity counting, then the routes.
+So a request without the token is never activity: it cannot keep a box alive.
 
 Whoever builds the runtime starts and closes it. ``create_app(workspace=...)``
 builds one itself and then runs it through the app's lifespan.
@@ -11,13 +16,12 @@ builds one itself and then runs it through the app's lifespan.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Literal, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -25,8 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import CorralError, InvalidRequest, Unauthorized, to_wire
+from ..errors import CorralError, InvalidRequest, to_wire
 from .activity import ActivityMiddleware
+from .auth import GENERATION_KEY, AuthMiddleware, TokenGate, check_token
 from .runtime import BoxRuntime, check_env
 from .shell import ShellRequest
 from .workspace import CHUNK_SIZE
@@ -94,6 +99,8 @@ class SessionBody(_V1):
 
 class ResetBody(_V1):
     restart_kernel: bool = True
+    #: The token the box accepts once the reset is done (the next session's); None keeps the current one.
+    token: Optional[str] = None
 
 
 class RefCellBody(BaseModel):
@@ -204,9 +211,12 @@ def create_app(
 
     Pass a started :class:`BoxRuntime` (the caller closes it), or
     ``workspace=`` to let the app build one and run it through its lifespan.
+    ``token`` must pass :func:`~corral.box.auth.check_token` (16 or more visible
+    ASCII characters); ``POST /v1/reset`` may replace it.
     """
-    if not isinstance(token, str) or not token:
-        raise InvalidRequest("token: the box needs a non-empty token")
+    if token is None:
+        raise InvalidRequest("token: the box needs a token")
+    gate = TokenGate(check_token(token, "token"))
     if runtime is None:
         if workspace is None:
             raise InvalidRequest("create_app needs a runtime or a workspace")
@@ -214,7 +224,6 @@ def create_app(
         owned = True
     else:
         owned = False
-    expected = f"Bearer {token}".encode()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -226,13 +235,6 @@ def create_app(
             if owned:
                 await runtime.close()
 
-    async def authorized(request: Request) -> None:
-        # async: FastAPI runs a plain-def dependency in a worker thread, a thread hop on every call.
-        given = request.headers.get("authorization", "").encode()
-        # Constant time, so the token cannot be guessed byte by byte from timings.
-        if not hmac.compare_digest(given, expected):
-            raise Unauthorized("missing or wrong bearer token")
-
     app = FastAPI(
         title="corral box",
         version=__version__,
@@ -242,10 +244,13 @@ def create_app(
         openapi_url=None,
     )
     app.state.runtime = runtime
+    app.state.gate = gate
     _install_error_handlers(app)
-    app.include_router(_v1_routes(runtime), dependencies=[Depends(authorized)])
-    app.include_router(_reference_routes(runtime), prefix="/fastapi", dependencies=[Depends(authorized)])
+    app.include_router(_v1_routes(runtime, gate))
+    app.include_router(_reference_routes(runtime), prefix="/fastapi")
+    # The last added is the outermost: the token is checked before anything counts as activity.
     app.add_middleware(ActivityMiddleware, activity=runtime.activity)
+    app.add_middleware(AuthMiddleware, gate=gate)
     return app
 
 
@@ -276,7 +281,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
-def _v1_routes(runtime: BoxRuntime) -> APIRouter:
+def _v1_routes(runtime: BoxRuntime, gate: TokenGate) -> APIRouter:
     r = APIRouter(prefix="/v1")
     ws = runtime.workspace
 
@@ -367,8 +372,13 @@ def _v1_routes(runtime: BoxRuntime) -> APIRouter:
         return _json({"ok": True})
 
     @r.post("/reset")
-    async def reset(body: Optional[ResetBody] = None) -> Response:
-        return _json(await runtime.reset((body or ResetBody()).restart_kernel))
+    async def reset(request: Request, body: Optional[ResetBody] = None) -> Response:
+        body = body or ResetBody()
+        if body.token is not None:
+            check_token(body.token, "token")
+        generation = request.scope.get("state", {}).get(GENERATION_KEY, gate.generation)
+        result = await gate.rotate(generation, lambda: runtime.reset(body.restart_kernel), body.token)
+        return _json(result)
 
     return r
 

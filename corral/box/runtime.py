@@ -29,7 +29,7 @@ from .workspace import Workspace, wipe_dir
 __all__ = ["BoxRuntime"]
 
 #: Variables of the box's own process that user code must not inherit.
-_PRIVATE_ENV = ("SECRET_TOKEN",)
+_PRIVATE_ENV = ("SECRET_TOKEN", "CORRAL_TOKEN_FILE")
 
 
 def _pid1_is_container_init() -> bool:

@@ -38,11 +38,11 @@ async def test_token_never_reaches_the_logs(api, caplog) -> None:
     assert TOKEN not in caplog.text
 
 
-async def test_create_app_needs_a_token(tmp_path: Path) -> None:
-    with pytest.raises(corral.InvalidRequest):
-        create_app(token="", workspace=str(tmp_path))
-    with pytest.raises(corral.InvalidRequest):
-        create_app(token="t")
+@pytest.mark.parametrize("token", [None, "", "t", "   ", " " * 20, "short-token-15c", "tab\tinside-a-long-token",
+                                   "ünïcode-token-long-enough"])
+async def test_create_app_refuses_a_missing_short_or_blank_token(tmp_path: Path, token) -> None:
+    with pytest.raises(corral.InvalidRequest, match="token"):
+        create_app(token=token, workspace=str(tmp_path))
 
 
 async def test_unknown_route_and_method_use_the_wire_form(api) -> None:

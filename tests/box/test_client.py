@@ -186,6 +186,36 @@ async def test_session_env_and_reset(box) -> None:
     assert (await box.activity()).calls_total == 2
 
 
+async def test_reset_with_a_new_token_switches_the_client(box) -> None:
+    new = "next-session-token-0f3b2a"
+    other = AsyncBoxClient(BASE, TOKEN, http_client=box._http)  # e.g. the previous session's handle
+    with pytest.raises(corral.InvalidRequest, match="token"):
+        await box.reset(token="too-short")  # refused here, before anything is sent
+    assert (await box.healthz()).ok
+    assert (await box.reset(restart_kernel=False, token=new)).ok
+    assert (await box.shell("echo still-mine")).stdout == "still-mine\n"
+    with pytest.raises(corral.Unauthorized):
+        await other.shell("true")
+    with pytest.raises(corral.Unauthorized):
+        await other.reset(token="a-token-of-the-old-holder-1")
+    assert (await AsyncBoxClient(BASE, new, http_client=box._http).healthz()).ok
+
+
+async def test_a_failed_reset_keeps_the_clients_token(box, monkeypatch) -> None:
+    app = box._http._transport.app
+
+    async def broken(restart_kernel: bool = True) -> dict:
+        raise RuntimeError("nope")
+
+    monkeypatch.setattr(app.state.runtime, "reset", broken)
+    # The box's 500 answer, as a real server would send it, not the app's exception.
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url=BASE)
+    async with http, AsyncBoxClient(BASE, TOKEN, http_client=http) as client:
+        with pytest.raises(corral.CorralError, match="internal error"):
+            await client.reset(token="a-token-that-never-took-0")
+        assert (await client.healthz()).ok
+
+
 async def test_mcp_tools(box, tmp_path: Path) -> None:
     server = tmp_path / "calc_server.py"
     server.write_text(textwrap.dedent("""
@@ -276,6 +306,17 @@ def test_sync_client_against_a_real_box_process(box_process, tmp_path: Path) -> 
 
     with BoxClient(url, "wrong-token") as wrong, pytest.raises(corral.Unauthorized):
         wrong.healthz()
+
+
+def test_sync_client_reset_rotates_the_token_of_a_real_box(box_process) -> None:
+    _, url = box_process
+    new = "sync-next-session-token-77"
+    with BoxClient(url, TOKEN) as box, BoxClient(url, TOKEN) as previous:
+        box.wait_ready(30)
+        assert box.reset(token=new).ok
+        assert box.shell("echo ok").stdout == "ok\n"
+        with pytest.raises(corral.Unauthorized):
+            previous.healthz()
 
 
 def test_sync_client_sees_a_dead_box_as_unreachable(box_process) -> None:

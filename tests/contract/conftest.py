@@ -48,7 +48,7 @@ async def driver(request, tmp_path_factory):
         testkit.require_docker()
         from corral.drivers.docker import DockerDriver
 
-        d = DockerDriver()
+        d = DockerDriver(testkit.driver_config())
     yield d
     await d.close()
 

@@ -96,9 +96,9 @@ async def test_stop_status_start_remove(driver, sandboxes, http, image):
     assert await driver.status(h.container_id) == "exited"
     await driver.stop(h.container_id)  # idempotent
 
-    await driver.start(h.container_id)
+    await driver.start(h.container_id, TOKEN)
     assert await driver.status(h.container_id) == "running"
-    await driver.start(h.container_id)  # no-op when running
+    await driver.start(h.container_id, TOKEN)  # no-op when running
     again = await driver.inspect(h.container_id)
     assert again is not None and again.url
     # start() returns once the box answers again (its port may have changed).
@@ -135,3 +135,27 @@ async def test_cancelled_create_leaves_nothing(driver, sandboxes, image, delay):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await driver.list(marker) == []
+
+
+async def test_the_token_reaches_the_box_only(driver, sandboxes, http, image):
+    """No driver puts the token where the code the box runs can read it: not its environment, not a file."""
+    h = await sandboxes.create(_spec(_name("tok"), image))
+    out = await _shell(http, h.url, "env; cat /proc/self/cmdline; ls -A ${TMPDIR:-/tmp} .")
+    assert TOKEN not in out["stdout"] and "SECRET_TOKEN" not in out["stdout"]
+
+
+async def test_a_reset_rotates_the_token_and_a_restart_takes_the_rotated_one(driver, sandboxes, http, image):
+    from corral.client import AsyncBoxClient
+
+    h = await sandboxes.create(_spec(_name("rot"), image))
+    rotated = "contract-rotated-token-42"
+    async with AsyncBoxClient(h.url, TOKEN) as box:
+        assert (await box.reset(restart_kernel=False, token=rotated)).ok
+        assert (await box.shell("echo mine")).stdout == "mine\n"  # the client switched
+    assert (await http.get(f"{h.url}/v1/healthz", headers=_auth())).status_code == 401
+    assert (await http.get(f"{h.url}/v1/healthz", headers=_auth(rotated))).status_code == 200
+    await driver.stop(h.container_id)
+    await driver.start(h.container_id, rotated)
+    again = await driver.inspect(h.container_id)
+    assert (await http.get(f"{again.url}/v1/healthz", headers=_auth(rotated))).status_code == 200
+    assert (await http.get(f"{again.url}/v1/healthz", headers=_auth())).status_code == 401

@@ -41,7 +41,7 @@ def docker_ready():
 async def docker_driver(docker_ready):
     from corral.drivers.docker import DockerDriver
 
-    d = DockerDriver()
+    d = DockerDriver(testkit.driver_config())
     yield d
     await d.close()
 

@@ -7,6 +7,7 @@ box's Python kernel works on a read-only root.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 
@@ -14,12 +15,13 @@ import httpx
 import pytest
 
 import corral
+import corral_docker_testkit as testkit  # registered by tests/docker/conftest.py
 from corral.drivers.base import ContainerSpec
 from corral_docker_testkit import unique_name
 
 pytestmark = pytest.mark.docker
 
-TOKEN = "docker-test-token"
+TOKEN = "docker-test-token-5b1e"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -59,6 +61,16 @@ async def test_container_settings_visible_in_docker_inspect(tracker, docker_clie
     assert hc["SecurityOpt"] == ["no-new-privileges"]
     assert "/tmp" in hc["Tmpfs"] and "mode=1777" in hc["Tmpfs"]["/tmp"]
     assert attrs["Config"]["User"] == "1000:1000"
+    # The token is in none of the container's settings; stdin is open for one attach (the token's way in).
+    assert TOKEN not in repr(attrs)
+    assert not any(e.startswith("SECRET_TOKEN=") for e in attrs["Config"]["Env"])
+    assert attrs["Config"]["OpenStdin"] is True and attrs["Config"]["StdinOnce"] is True
+    # On the tests' own corral network, IPv4 only.
+    assert hc["NetworkMode"] == testkit.TEST_NETWORK
+    assert attrs["Config"]["Labels"]["corral.network"] == "egress"
+    ip = attrs["NetworkSettings"]["Networks"][testkit.TEST_NETWORK]["IPAddress"]
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(testkit.TEST_SUBNET)
+    assert hc["Sysctls"] == {"net.ipv6.conf.all.disable_ipv6": "1"}
     # The workspace was handed to the box's user on the host.
     st = os.stat(tmp_path / "ws")
     assert (st.st_uid, st.st_gid) == (1000, 1000)
@@ -147,12 +159,46 @@ async def test_stop_is_handled_by_sigterm(tracker, docker_driver, docker_client,
     assert elapsed < 10, f"stop took {elapsed:.1f}s: the 10 s grace period ran out"
 
 
-async def test_network_modes_the_driver_cannot_reach_are_refused(docker_driver, docker_client, docker_ready):
-    for mode in ("none", "host", "container:abc"):
-        name = unique_name("net")
-        with pytest.raises(corral.InvalidRequest, match="network_mode"):
-            await docker_driver.create(_spec(docker_ready, name=name, network_mode=mode))
-        assert docker_client.containers.list(all=True, filters={"name": name}) == []
+async def test_the_driver_makes_its_network_with_inter_container_traffic_off(tracker, docker_client, docker_ready):
+    await tracker.create(_spec(docker_ready))
+    net = docker_client.api.inspect_network(testkit.TEST_NETWORK)
+    assert net["Driver"] == "bridge" and net["Labels"]["corral.managed"] == "true"
+    assert net["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+    assert net["Options"]["com.docker.network.bridge.name"] == testkit.TEST_NETWORK
+    assert [c["Subnet"] for c in net["IPAM"]["Config"]] == [testkit.TEST_SUBNET]
+
+
+async def test_a_stopped_box_gets_its_token_again_at_start(tracker, docker_driver, docker_ready):
+    h = await tracker.create(_spec(docker_ready))
+    await docker_driver.stop(h.container_id, timeout=5)
+    with pytest.raises(corral.InvalidRequest, match="token"):
+        await docker_driver.start(h.container_id)  # nothing in the sandbox kept it
+    assert await docker_driver.status(h.container_id) == "exited"
+    await docker_driver.start(h.container_id, TOKEN)
+    again = await docker_driver.inspect(h.container_id)
+    assert again.status == "running"
+    assert _shell(again.url, "echo back")["stdout"] == "back\n"
+    await docker_driver.start(h.container_id, TOKEN)  # running: nothing to do
+    # A rotated token (a reuse reset) is the one a restart hands over.
+    await docker_driver.stop(h.container_id, timeout=5)
+    rotated = "rotated-docker-token-00aa"
+    await docker_driver.start(h.container_id, rotated)
+    url = (await docker_driver.inspect(h.container_id)).url
+    r = httpx.get(f"{url}/v1/healthz", headers={"Authorization": f"Bearer {rotated}"}, timeout=10, trust_env=False)
+    assert r.status_code == 200
+    assert httpx.get(f"{url}/v1/healthz", headers=AUTH, timeout=10, trust_env=False).status_code == 401
+
+
+async def test_teardown_is_refused_while_a_sandbox_is_on_the_network(tracker, docker_ready):
+    from corral.drivers.docker import DockerDriver
+
+    await tracker.create(_spec(docker_ready))
+    other = DockerDriver(testkit.driver_config())
+    try:
+        with pytest.raises(corral.Conflict, match="still has"):
+            await other.teardown_network()
+    finally:
+        await other.close()
 
 
 async def test_bad_input_is_a_clear_error(docker_driver, docker_ready, tmp_path):
@@ -162,8 +208,9 @@ async def test_bad_input_is_a_clear_error(docker_driver, docker_ready, tmp_path)
         await docker_driver.create(_spec(docker_ready, readonly_mounts={str(tmp_path): "data"}))
     with pytest.raises(corral.InvalidRequest, match="memory"):
         await docker_driver.create(_spec(docker_ready, memory="lots"))
-    with pytest.raises(corral.InvalidRequest, match="token"):
-        await docker_driver.create(ContainerSpec(name=unique_name("tok"), image=docker_ready, token=""))
+    for token in ("", "   ", "short-token"):
+        with pytest.raises(corral.InvalidRequest, match="token"):
+            await docker_driver.create(ContainerSpec(name=unique_name("tok"), image=docker_ready, token=token))
 
 
 async def test_missing_image_names_the_fix(docker_driver, docker_ready):

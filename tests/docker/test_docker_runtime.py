@@ -21,8 +21,12 @@ pytestmark = [pytest.mark.docker, pytest.mark.ray]
 
 @pytest.fixture
 def docker_manager(docker_ready, make_manager):
+    from corral.models import SandboxTypeConfig
+
     def make(**kw):
-        return make_manager(container_deployment="docker", **kw)
+        # The image under test (CORRAL_IMAGE), on the tests' own network (testkit), never the production one.
+        kw.setdefault("sandbox_types", {"base": SandboxTypeConfig(name="base", image=testkit.IMAGE)})
+        return make_manager(container_deployment="docker", driver=testkit.driver_config(), **kw)
 
     return make
 
@@ -82,7 +86,7 @@ def test_reconcile_removes_an_orphan_and_adopts_a_known_container(docker_manager
 
     m = docker_manager(pool_size=0)
     known = m.create(meta={"session_ctx_id": "keep-me"})
-    driver = DockerDriver()
+    driver = DockerDriver(testkit.driver_config())
     orphan_name = testkit.unique_name("orphan")
     orphan = asyncio.run(driver.create(ContainerSpec(
         name=orphan_name, token="t" * 32, image=testkit.IMAGE,
@@ -110,7 +114,8 @@ def _info_or_none(m, name):
 def test_reuse_reset_leaves_nothing_behind(docker_manager):
     from corral.models import SandboxTypeConfig
 
-    m = docker_manager(pool_size=1, sandbox_types={"base": SandboxTypeConfig(name="base", reuse=True)})
+    m = docker_manager(pool_size=1, sandbox_types={"base": SandboxTypeConfig(name="base", reuse=True,
+                                                                                  image=testkit.IMAGE)})
     m.reserve(n=0, wait=True, timeout=120)
     sb = m.acquire()
     sb.shell("echo x > /workspace/a.txt; echo y > /tmp/b.txt; (sleep 300 &)")

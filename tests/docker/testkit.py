@@ -10,23 +10,62 @@ path: the test folders are not packages). It owns three things:
   recorded and removed at teardown, whatever the test did.
 - :func:`leak_check`: at the end of the session, no container labelled
   ``corral.managed`` that was not there at its start may remain (those found
-  are removed, then reported).
+  are removed, then reported); then the tests' Docker network and its
+  iptables rules are removed.
+- :func:`driver_config`: the Docker driver's settings for tests: a network of
+  the tests' own (:data:`TEST_NETWORK`, :data:`TEST_SUBNET`), never the
+  production one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import pytest
 
 from corral.drivers.base import ContainerHandle, ContainerSpec, Driver
 
-__all__ = ["IMAGE", "require_docker", "docker_problem", "Tracker", "leak_check", "unique_name"]
+__all__ = ["IMAGE", "require_docker", "docker_problem", "Tracker", "leak_check", "unique_name", "driver_config",
+           "TEST_NETWORK", "TEST_SUBNET", "teardown_network"]
 
 IMAGE = os.environ.get("CORRAL_IMAGE", "corral-box:latest")
 MANAGED = "corral.managed=true"
+#: The Docker network (and bridge, and iptables chains) the driver tests use: their own subnet.
+TEST_NETWORK = "corral-test"
+TEST_SUBNET = "10.214.0.0/24"
+
+
+def driver_config(**kw: Any):
+    """DockerDriverConfig on the tests' own network unless ``kw`` says otherwise."""
+    from corral.drivers.config import DockerDriverConfig
+
+    kw.setdefault("network_name", TEST_NETWORK)
+    kw.setdefault("subnet", TEST_SUBNET)
+    return DockerDriverConfig(**kw)
+
+
+def teardown_network(config=None) -> None:
+    """Remove a test network, its rules and its lock file (idempotent), with a driver of its own."""
+    from corral.drivers.docker import DockerDriver
+    from corral.drivers.netpolicy import NodeLock
+
+    config = config or driver_config()
+
+    async def run() -> None:
+        driver = DockerDriver(config)
+        try:
+            await driver.teardown_network()
+        finally:
+            await driver.close()
+
+    asyncio.run(run())
+    # Test sessions run one at a time (the heavy lock): nobody else waits on this file.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(NodeLock(config.network_name).path)
 
 
 def _client():
@@ -109,6 +148,7 @@ def leak_check() -> Iterator[None]:
                 if c.id not in before and _made_by_tests(c)]
         for c in left:
             c.remove(force=True)
+        teardown_network()
         assert not left, f"tests left containers labelled corral.managed behind: {[c.name for c in left]}"
     finally:
         client.close()

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional, Union
 
 import httpx
 
+from ...box.auth import check_token
 from ...errors import CorralError, Forbidden, InvalidRequest, NotFound, SandboxUnreachable, Unauthorized, from_wire
 from .._errors import (
     decode_json,
@@ -104,7 +105,7 @@ class BoxClient:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise InvalidRequest(f"base_url must be an http:// or https:// URL, got {base_url!r}")
         if not isinstance(token, str) or not token:
-            raise InvalidRequest("token must be a non-empty string (the box's SECRET_TOKEN)")
+            raise InvalidRequest("token must be a non-empty string (the box's bearer token)")
         self._base_url = base_url.rstrip("/")
         self._timeout = _seconds(timeout, "timeout")
         self._auth = {"Authorization": f"Bearer {token}"}
@@ -511,15 +512,27 @@ class BoxClient:
             raise InvalidRequest(f"env must be a dict of str to str, got {type(env).__name__}")
         self._json("POST", "/v1/session", body={"env": env})
 
-    def reset(self, restart_kernel: bool = True) -> ResetResult:
-        """Make the box as good as new: kill its processes, empty the workspace, reset the kernel."""
+    def reset(self, restart_kernel: bool = True, token: Optional[str] = None) -> ResetResult:
+        """Make the box as good as new: kill its processes, empty the workspace, reset the kernel.
+
+        With ``token``, the box takes that token from the moment the reset is
+        done and refuses the current one; this client sends the new one from
+        then on (other clients of the box keep the old and get 401). A reset
+        that fails leaves the box's token, and this client's, as they were.
+        """
+        body: dict[str, Any] = {"restart_kernel": bool(restart_kernel)}
+        if token is not None:
+            body["token"] = check_token(token, "token")
         data, response = self._json(
             "POST",
             "/v1/reset",
-            body={"restart_kernel": bool(restart_kernel)},
+            body=body,
             timeout=max(self._timeout, SLOW_CALL_TIMEOUT),
         )
-        return parse_model(ResetResult, data, response)
+        result = parse_model(ResetResult, data, response)
+        if token is not None:
+            self._auth = {"Authorization": f"Bearer {token}"}
+        return result
 
 
 def _ndjson_item(line: str, response: httpx.Response) -> dict[str, Any]:
