@@ -87,6 +87,9 @@ class PoolHandle:
     async def container_op(self, op: str, container_id: Optional[str], token: Optional[str]) -> dict:
         return await _call(self.handle.container_op.remote(op, container_id, token))
 
+    async def reconcile_network(self) -> int:
+        return await _call(self.handle.reconcile_network.remote(), 60)
+
     async def teardown_node(self) -> dict:
         return await _call(self.handle.teardown_node.remote(), 60)
 

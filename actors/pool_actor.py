@@ -356,6 +356,10 @@ class PoolActor:
             return {"status": "missing"}
         return {"status": h.status, "url": h.url, "ports": list(h.ports)}
 
+    async def reconcile_network(self) -> int:
+        """Put back the node's network rules a firewall reload removed; how many sandboxes got theirs."""
+        return await self.driver.reconcile_network()
+
     async def teardown_node(self) -> dict:
         """What the node holds for this namespace beyond containers (networks, filter rules) goes:
         the last step of ``corral down``."""

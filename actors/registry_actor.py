@@ -303,6 +303,8 @@ class RegistryActor:
         if info is None:
             return
         try:
+            if await info.lister().reconcile_network():
+                logger.warning("node %s had lost sandboxes' network rules (a firewall reload?): put back", node[:12])
             observed = await info.lister().list()
             flying: set[str] = set()
             for pool in info.pools.values():

@@ -1,7 +1,6 @@
 """The ``driver`` fixture: the same contract suite runs over every driver.
 
-``process`` runs when ``drivers/process.py`` exists (skipped only when the
-module is absent); ``docker`` is marked ``docker`` and needs the engine and the
+``process`` always runs; ``docker`` is marked ``docker`` and needs the engine and the
 image (fails under ``CORRAL_REQUIRE_DOCKER=1`` when they are missing, skips
 otherwise). Every sandbox a test makes goes through ``sandboxes`` and is
 removed at teardown.
@@ -9,25 +8,10 @@ removed at teardown.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-
-def _load_testkit():
-    name = "corral_docker_testkit"
-    if name not in sys.modules:
-        path = Path(__file__).parents[1] / "docker" / "testkit.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-testkit = _load_testkit()
+from tests.support import docker as testkit
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,8 +22,6 @@ def _no_leaked_containers():
 @pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker)])
 async def driver(request, tmp_path_factory):
     if request.param == "process":
-        if importlib.util.find_spec("corral.drivers.process") is None:
-            pytest.skip("drivers/process.py does not exist yet")
         from corral.drivers.config import ProcessDriverConfig
         from corral.drivers.process import ProcessDriver
 

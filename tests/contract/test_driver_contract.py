@@ -39,7 +39,7 @@ async def http():
 
 
 def _name(prefix: str) -> str:
-    from corral_docker_testkit import unique_name
+    from tests.support.docker import unique_name
 
     return unique_name(prefix)
 

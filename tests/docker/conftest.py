@@ -6,24 +6,10 @@ Every test here needs the engine and the corral-box image: they fail when
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-
-def _load_testkit():
-    name = "corral_docker_testkit"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("testkit.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-testkit = _load_testkit()
+from tests.support import docker as testkit
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 import corral
-import corral_docker_testkit as testkit  # registered by tests/docker/conftest.py
+from tests.support import docker as testkit
 from corral.drivers.base import ContainerSpec
-from corral_docker_testkit import unique_name
+from tests.support.docker import unique_name
 
 pytestmark = pytest.mark.docker
 

@@ -14,7 +14,7 @@ import pytest
 
 from corral.drivers import ContainerSpec
 
-import corral_docker_testkit as testkit  # registered by tests/docker/conftest.py
+from tests.support import docker as testkit
 
 pytestmark = [pytest.mark.docker, pytest.mark.ray]
 

@@ -10,12 +10,9 @@ fails under CORRAL_REQUIRE_DOCKER=1). Run under the heavy-test lock.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -38,13 +35,9 @@ def wait_for(pred, timeout=60.0, every=0.1, what="condition"):
 
 
 def _require_docker() -> None:
-    name = "corral_docker_testkit"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "docker" / "testkit.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    sys.modules[name].require_docker()
+    from tests.support.docker import require_docker
+
+    require_docker()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import socket
 import threading
 from typing import Optional
 
-import corral_docker_testkit as testkit  # registered by conftest.py
+from tests.support import docker as testkit
 
 NETWORK = "corral-sec"
 SUBNET = "10.214.1.0/24"

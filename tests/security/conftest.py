@@ -22,29 +22,16 @@ only under ``-m docker``, serialised like every Docker test.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Optional
 
 import pytest
 import pytest_asyncio
 
 
-def _load_testkit():
-    name = "corral_docker_testkit"
-    if name not in sys.modules:
-        path = Path(__file__).parents[1] / "docker" / "testkit.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-testkit = _load_testkit()
+from tests.support import docker as testkit
 
 from _lab import HOST_SIDE, LISTENER, NETNS, NETWORK, NS_SIDE, SUBNET, VETH_HOST, VETH_NS, Lab  # noqa: E402
 

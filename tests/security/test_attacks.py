@@ -22,7 +22,7 @@ import corral
 from corral.client import AsyncBoxClient
 
 from _lab import CLUSTER_NODE, GATEWAY, NETWORK, OUTSIDE, OUTSIDE_OTHER
-from corral_docker_testkit import unique_name
+from tests.support.docker import unique_name
 
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
 

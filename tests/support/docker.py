@@ -1,7 +1,6 @@
 """Shared helpers for the tests that need a real Docker engine.
 
-Loaded by tests/docker/conftest.py and tests/contract/conftest.py (by file
-path: the test folders are not packages). It owns three things:
+Imported as ``tests.support.docker`` by every test layer that starts containers. It owns:
 
 - :func:`require_docker`: the engine and the box image must be there. Missing
   either FAILS the test when ``CORRAL_REQUIRE_DOCKER=1`` (CI sets it) and
