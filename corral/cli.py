@@ -1,9 +1,10 @@
-"""The ``corral`` command: ``demo``, ``status``, ``down``, ``bench``, ``box``.
+"""The ``corral`` command: ``demo``, ``status``, ``down``, ``bench``, ``serve``.
 
 ``corral demo`` runs a few concurrent RL-style episodes on the embedded
 default (a local Ray cluster, the process driver) and prints them as a table;
 ``corral status`` shows pools, sessions and containers; ``corral down``
-releases everything corral started in a namespace and says what it removed.
+releases everything corral started in a namespace and says what it removed;
+``corral serve`` runs the gateway (docs/remote.md).
 """
 
 from __future__ import annotations
@@ -131,6 +132,12 @@ def cmd_bench(args) -> int:
     return run_cli(args)
 
 
+def cmd_serve(args) -> int:
+    from corral.gateway.cli import run
+
+    return run(args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="corral", description="Sandboxes for AI agents and RL training, on Ray.")
     p.add_argument("--namespace", default="corral", help="Ray namespace of corral's actors (default: corral)")
@@ -149,9 +156,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     bench_arguments(sub.add_parser("bench", help="RL-shaped benchmark: corral vs destroy-on-release, no pool, "
                                                   "direct HTTP (writes DIR/bench.json and DIR/bench.png)"))
+    from corral.gateway.cli import add_arguments as serve_arguments
+
+    serve_arguments(sub.add_parser("serve", help="the gateway: corral over HTTP for clients outside the Ray "
+                                                 "cluster (a Ray actor per node, or --standalone)"))
     args = p.parse_args(argv)
     try:
-        return {"demo": cmd_demo, "status": cmd_status, "down": cmd_down, "bench": cmd_bench}[args.cmd](args)
+        return {"demo": cmd_demo, "status": cmd_status, "down": cmd_down, "bench": cmd_bench,
+                "serve": cmd_serve}[args.cmd](args)
     except Exception as e:
         from corral.errors import CorralError
 

@@ -58,6 +58,14 @@ class SandboxManager:
     RAY_ADDRESS, a cluster running on this machine, or a new local one).
     """
 
+    def __new__(cls, config: Any = None, base_url: Optional[str] = None, *args: Any, **kwargs: Any):
+        # Remote mode: the same operations, sent to a corral gateway (corral/remote, docs/remote.md).
+        if base_url is not None and cls is SandboxManager:
+            from corral.remote import RemoteSandboxManager
+
+            return super().__new__(RemoteSandboxManager)
+        return super().__new__(cls)
+
     def __init__(
         self,
         config: Union[SandboxManagerEnvConfig, dict, None] = None,
@@ -67,10 +75,7 @@ class SandboxManager:
         address: Optional[str] = None,
     ) -> None:
         if base_url is not None:
-            raise InvalidRequest(
-                "remote mode (base_url=...) is not available in this version of corral; "
-                "use it embedded (no base_url) from any process of the Ray cluster"
-            )
+            raise InvalidRequest(f"{type(self).__name__} is embedded; SandboxManager(base_url=...) is remote mode")
         if config is None:
             config = SandboxManagerEnvConfig()
         elif isinstance(config, dict):
