@@ -175,7 +175,7 @@ class BoxProxy:
 
 def _rest(request: Request) -> str:
     """What follows ``/proxy/<identity>/`` in the raw request target, query included."""
-    raw = request.scope.get("raw_path") or request.scope["path"].encode()
+    raw = (request.scope.get("raw_path") or request.scope["path"].encode()).split(b"?")[0]
     parts = raw.decode("latin-1").split("/", 3)  # '', 'proxy', identity, rest
     rest = parts[3] if len(parts) > 3 else ""
     query = request.scope.get("query_string") or b""
