@@ -158,8 +158,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                   "direct HTTP (writes DIR/bench.json and DIR/bench.png)"))
     from corral.gateway.cli import add_arguments as serve_arguments
 
-    serve_arguments(sub.add_parser("serve", help="the gateway: corral over HTTP for clients outside the Ray "
-                                                 "cluster (a Ray actor per node, or --standalone)"))
+    serve_arguments(sub.add_parser("serve", allow_abbrev=False,  # `--token X` must not pass for --token-file
+                                   help="the gateway: corral over HTTP for clients outside the Ray cluster "
+                                        "(a Ray actor per node, or --standalone)"))
     args = p.parse_args(argv)
     try:
         return {"demo": cmd_demo, "status": cmd_status, "down": cmd_down, "bench": cmd_bench,

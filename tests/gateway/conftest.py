@@ -108,3 +108,4 @@ def serve(tokens):
     for srv in servers:
         if srv.thread.is_alive():
             srv.stop()
+
