@@ -59,7 +59,7 @@ def test_every_listed_operation_is_on_the_manager():
         assert callable(getattr(SandboxManager, name)) and callable(getattr(SandboxManager, f"{name}_async"))
 
 
-def test_remote_mode_says_it_is_not_available():
+def test_remote_mode_without_a_token_is_refused():
     import corral
 
     with pytest.raises(corral.InvalidRequest, match="remote mode"):
