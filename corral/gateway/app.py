@@ -42,6 +42,8 @@ logger = logging.getLogger("corral.gateway")
 
 PROXY_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH"]
 _ALIASES = {f"{op}_async": op for op in OPERATIONS}
+#: Operations that hand out a sandbox: released again if their caller has gone.
+_CREATING = frozenset({"create", "create_from_pool", "acquire"})
 
 
 def _error(exc: CorralError) -> JSONResponse:
@@ -115,10 +117,7 @@ def create_app(
         err.status = exc.status_code
         return _error(err)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        logger.error("gateway: unexpected %s: %s", type(exc).__name__, exc, exc_info=exc)
-        return _error(CorralError(f"internal error in the gateway ({type(exc).__name__})"))
+    # Any other exception is answered (500) and logged by the Guard, which every request passes.
 
     @app.get("/health")
     async def health() -> Response:
@@ -130,7 +129,13 @@ def create_app(
         if name not in PARAMETERS:
             raise NotFound(f"no operation {op!r}")
         args = _arguments(name, await request.body())
-        result = await getattr(ops(request), name)(**args)
+        tenant_ops = ops(request)
+        result = await getattr(tenant_ops, name)(**args)
+        if name in _CREATING and await request.is_disconnected():
+            # Nobody will learn this sandbox's name: give it back rather than leave it running.
+            made = result["container_name"] if isinstance(result, dict) else result
+            logger.info("gateway: client of %s left before its answer; releasing %s", name, made)
+            await tenant_ops.release(made)
         return JSONResponse({"data": result})
 
     @app.api_route("/proxy/{identity}/{path:path}", methods=PROXY_METHODS)

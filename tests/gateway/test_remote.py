@@ -11,6 +11,7 @@ import asyncio
 import os
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -211,3 +212,34 @@ def test_the_gateway_restarted_mid_session(backend, serve, tokens):
     assert m.heartbeat("survivor") is True
     sb.release()
     assert backend.get_info(sb.name)["session_ctx_id"] is None
+
+
+def test_a_sandbox_acquired_for_a_client_that_left_is_given_back(make_manager, serve, tokens, caplog):
+    import logging
+
+    import httpx
+
+    caplog.set_level(logging.INFO, logger="corral.gateway")
+    m = make_manager(pool_size=1, max_sandbox_instances=1)
+    m.reserve(n=0, wait=True, timeout=120)
+    gw = serve(m)
+    a = SandboxManager(base_url=gw.url, bearer_token=tokens.a)
+    held = a.acquire()
+    with pytest.raises(httpx.ReadTimeout):  # b waits in line for the only slot, then gives up
+        httpx.post(f"{gw.url}/acquire", json={"session_ctx_id": "impatient", "timeout": 30},
+                   headers=tokens.auth(tokens.b), timeout=httpx.Timeout(1.0, connect=5.0))
+    held.release()  # the slot goes to b's acquire, whose client has gone: the gateway releases it
+
+    def released() -> bool:
+        recs = [r for r in m.status()["records"] if r.get("state") == "RUNNING"]
+        return not recs and m.get_session_mapping("beta/impatient") == []
+
+    deadline = time.monotonic() + 60
+    while not released():
+        assert time.monotonic() < deadline, m.status()["records"]
+        time.sleep(0.2)
+    assert "client of acquire left before its answer" in caplog.text
+    b = SandboxManager(base_url=gw.url, bearer_token=tokens.b)
+    assert b.list_session_keys() == []
+    with b.acquire(timeout=60) as sb:  # the slot is free again
+        assert sb.shell("echo free").stdout == "free\n"
