@@ -75,16 +75,21 @@ async def quiet_box(remote: Any, embedded: Any, calls: int) -> dict:
             proxy.append(p)
             direct.append(d)
             pairs.append(p - d)
+        lookups = []
         for _ in range(min(calls, 100)):
             t0 = time.perf_counter()
             await remote.call_tool_async(sb.name, "run_shell_command", {"command": "echo hi"})
             ref.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            await embedded.get_info_async(sb.name)  # what the gateway's ownership check costs (one actor call)
+            lookups.append((time.perf_counter() - t0) * 1000)
     await sb.release()
     return {
         "proxy_ms": summary(proxy), "direct_ms": summary(direct),
         "overhead_p50_ms": round(pct(proxy, 50) - pct(direct, 50), 2),
         "paired_difference_p50_ms": pct(pairs, 50),
         "call_tool_ms": summary(ref),
+        "get_info_ms": summary(lookups),
     }
 
 
@@ -216,9 +221,10 @@ def _table(out: dict) -> str:
         q = out.get(f"quiet_{kind}")
         if q:
             rows.append([f"quiet box, {kind} gateway", q["proxy_ms"]["p50"], q["direct_ms"]["p50"],
-                         q["overhead_p50_ms"], q["paired_difference_p50_ms"], q["call_tool_ms"]["p50"]])
+                         q["overhead_p50_ms"], q["paired_difference_p50_ms"], q["call_tool_ms"]["p50"],
+                         q["get_info_ms"]["p50"]])
     quiet = tabulate(rows, headers=["echo hi", "/proxy p50", "direct p50", "overhead p50", "paired diff p50",
-                                    "POST /call_tool p50"], tablefmt="simple")
+                                    "POST /call_tool p50", "get_info p50"], tablefmt="simple")
     rows = []
     for kind in ("embedded", "actor", "standalone"):
         r = out.get(f"rollout_{kind}")

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
-from corral.errors import CorralError, InvalidRequest, NotFound, SandboxGone
+from corral.errors import CorralError, InvalidRequest, NotFound, SandboxGone, SandboxUnreachable
 
 from .auth import Tenants
 from .backend import OPERATIONS, PARAMETERS, Backend, TenantOps
@@ -116,6 +116,17 @@ def create_app(
         err = InvalidRequest(str(exc.detail))
         err.status = exc.status_code
         return _error(err)
+
+    try:
+        from ray.exceptions import RayError
+    except ImportError:  # pragma: no cover - corral installs Ray
+        RayError = None
+    if RayError is not None:
+        @app.exception_handler(RayError)
+        async def control_plane(_request: Request, exc: Exception) -> JSONResponse:
+            # An actor died or restarts (the registry, a pool): infrastructure, worth a retry.
+            logger.warning("gateway: corral's actors did not answer: %s", type(exc).__name__)
+            return _error(SandboxUnreachable(f"corral's actors did not answer ({type(exc).__name__}); retry"))
 
     # Any other exception is answered (500) and logged by the Guard, which every request passes.
 

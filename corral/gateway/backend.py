@@ -16,6 +16,7 @@ is acted on; a tenant's ``cleanup`` and ``status`` read the whole namespace's
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import secrets
 from typing import Any, Awaitable, Callable, Optional
@@ -204,8 +205,7 @@ class TenantOps:
         names = [r["container_name"] for r in st.get("records", [])
                  if owns(self.tenant, r) and r.get("state") in _CLEANUP_STATES]
         release = self._b.op("release")
-        for name in names:
-            await release(name)
+        await asyncio.gather(*(release(name) for name in names))  # concurrent releases go as one batch
         return names
 
     # -- observability -------------------------------------------------------------

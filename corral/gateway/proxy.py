@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from yarl import URL
 
-from corral.errors import CorralError, NotFound, SandboxError, SandboxUnreachable
+from corral.errors import NotFound, SandboxError, SandboxUnreachable
 
 from .settings import GatewaySettings
 
@@ -105,8 +105,6 @@ class BoxProxy:
             raise SandboxUnreachable(
                 f"the box of sandbox {record.get('container_name')} did not answer ({type(e).__name__})"
             ) from None
-        except CorralError:
-            raise
         if failure:
             upstream.release()
             raise failure[0]

@@ -119,7 +119,7 @@ def run_standalone(manager: Any, tenants: Tenants, host: str = "127.0.0.1", port
     if not certfile and not _loopback(host):
         logger.warning("gateway: plain HTTP on %s: tokens cross the network in clear; use --certfile/--keyfile "
                        "or a TLS-terminating proxy", host)
-    logger.warning("corral gateway on %s (namespace %s, tenants %s)", url, manager.config.namespace,
+    logger.info("corral gateway on %s (namespace %s, tenants %s)", url, manager.config.namespace,
                    ", ".join(tenants.names))
     if ready_file:
         tmp = ready_file + ".tmp"

@@ -202,3 +202,40 @@ def test_remote_ops_mirror_the_embedded_ops():
         assert inspect.iscoroutinefunction(getattr(AsyncRemoteOps, name)) == inspect.iscoroutinefunction(
             getattr(AsyncOps, name)), name
     assert {n.replace("aclose", "close") for n in public(AsyncRemoteOps)} == public(RemoteOps)
+
+
+async def test_failures_outside_corrals_tree_are_still_errors_on_the_wire(caplog):
+    """A backend whose actors are gone (a Ray error) answers 503, retryable; anything unexpected, 500.
+    A stand-in backend: only the app's mapping of exceptions is under test here."""
+    import logging
+
+    import httpx
+    import ray.exceptions
+
+    from corral.gateway import create_app
+    from corral.gateway.backend import OPERATIONS
+
+    class Failing:
+        pass
+
+    async def actors_gone(*a, **kw):
+        raise ray.exceptions.RayActorError()
+
+    async def broken(*a, **kw):
+        raise ValueError("boom")
+
+    for op in OPERATIONS:
+        setattr(Failing, op, staticmethod(actors_gone))
+    Failing.status = staticmethod(broken)
+    caplog.set_level(logging.DEBUG)
+    app = create_app(Failing(), f"alpha {T_A}")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g",
+                                 headers={"Authorization": f"Bearer {T_A}"}) as c:
+        r = await c.post("/get_info", json={"identity": "x"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "sandbox_unreachable" and r.json()["error"]["retryable"] is True
+        r = await c.post("/status", json={})
+        assert r.status_code == 500
+        assert r.json()["error"] == {"code": "corral_error", "message": "internal error in the gateway (ValueError)",
+                                     "retryable": False}
+    assert "ValueError" in caplog.text and T_A not in caplog.text

@@ -81,7 +81,10 @@ class AsyncRemoteOps:
         self.base_url = base_url.rstrip("/")
         self._token = token
         self._auth = {"Authorization": f"Bearer {token}"}
-        self._tls = ssl_context(verify) if self.base_url.startswith("https://") else True
+        https = self.base_url.startswith("https://")
+        self._tls = ssl_context(verify) if https else tls_context()
+        # Box clients build their connections with the system's CAs; another CA needs a client of ours.
+        self._own_tls = https and verify is not True
         self._timeout = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT)
         self._default_type = default_type
         self._prefix = prefix
@@ -142,7 +145,7 @@ class AsyncRemoteOps:
         entry = self._boxes.get(name)
         if entry is None:
             http = None
-            if self._tls is not True:  # a CA of the caller's own, or no check: the box client's connections need it
+            if self._own_tls:
                 http = httpx.AsyncClient(timeout=self._timeout, verify=self._tls)
             entry = self._boxes[name] = (AsyncBoxClient(self.proxy_url(name), self._token, http_client=http), http)
         return entry[0]
