@@ -10,8 +10,8 @@ Routes (docs/remote.md has the details):
   that sandbox's box with the box's own token swapped in.
 
 Errors are ``{"error": {"code", "message", "retryable"}}`` with the status of
-the corral error (:func:`corral.errors.to_wire` and ``Retry-After`` on 429
-and 503), never a string in place of a value. The app owns no state beyond its
+the corral error (``Retry-After`` on 429 and 503; Ray's errors, from actors
+that died or restart, are 503), never a string in place of a value. The app owns no state beyond its
 connections to boxes; the backend is passed in and closed by its owner.
 """
 
@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from ray.exceptions import RayError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
@@ -117,16 +118,11 @@ def create_app(
         err.status = exc.status_code
         return _error(err)
 
-    try:
-        from ray.exceptions import RayError
-    except ImportError:  # pragma: no cover - corral installs Ray
-        RayError = None
-    if RayError is not None:
-        @app.exception_handler(RayError)
-        async def control_plane(_request: Request, exc: Exception) -> JSONResponse:
-            # An actor died or restarts (the registry, a pool): infrastructure, worth a retry.
-            logger.warning("gateway: corral's actors did not answer: %s", type(exc).__name__)
-            return _error(SandboxUnreachable(f"corral's actors did not answer ({type(exc).__name__}); retry"))
+    @app.exception_handler(RayError)
+    async def control_plane(_request: Request, exc: Exception) -> JSONResponse:
+        # An actor died or restarts (the registry, a pool): infrastructure, worth a retry.
+        logger.warning("gateway: corral's actors did not answer: %s", type(exc).__name__)
+        return _error(SandboxUnreachable(f"corral's actors did not answer ({type(exc).__name__}); retry"))
 
     # Any other exception is answered (500) and logged by the Guard, which every request passes.
 

@@ -40,18 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
+    from corral.cli import _config as command_config
     from corral.models import SandboxManagerEnvConfig
 
-    kw = {}
-    if getattr(args, "config", None):
-        with open(args.config) as f:
-            kw = json.load(f)
-    kw.setdefault("namespace", args.namespace)
-    if getattr(args, "driver", None):
-        kw["container_deployment"] = args.driver
+    config = command_config(args)  # --config, --namespace, --driver, as every corral command reads them
     if args.pool_size is not None:
-        kw["pool_size"] = args.pool_size
-    return SandboxManagerEnvConfig.model_validate(kw)
+        config = SandboxManagerEnvConfig.model_validate({**config.model_dump(), "pool_size": args.pool_size})
+    return config
 
 
 def _settings(args: argparse.Namespace):

@@ -140,7 +140,12 @@ class GatewayActor:
 
     def __init__(self, config: dict, digests: list, host: str, port: int, settings: dict,
                  certfile: Optional[str] = None, keyfile: Optional[str] = None) -> None:
+        from corral.actors.common import CONTROL_NICE, set_priority
+
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        # Ray starts workers at nice 15; every remote call passes through here, as acquires pass
+        # through the registry: the same priority as the control plane (the server thread inherits it).
+        self.nice = set_priority(CONTROL_NICE)
         self._args = (config, digests, host, port, settings, certfile, keyfile)
         self._ready = threading.Event()
         self._error: Optional[str] = None
@@ -167,7 +172,8 @@ class GatewayActor:
             node_ip = ray.util.get_node_ip_address()
             shown = node_ip if host in ("0.0.0.0", "::") else host
             self._info = {"url": _url(shown, sock.getsockname()[1], bool(certfile)), "node_id":
-                          ray.get_runtime_context().get_node_id(), "node_ip": node_ip, "pid": os.getpid()}
+                          ray.get_runtime_context().get_node_id(), "node_ip": node_ip, "pid": os.getpid(),
+                          "nice": self.nice}
             server = uvicorn.Server(ucfg)
         except BaseException as e:  # reported by address(); the actor stays up to say why
             self._error = f"{type(e).__name__}: {e}"
@@ -183,7 +189,7 @@ class GatewayActor:
             os._exit(1)
 
     def address(self, timeout: float = 120.0) -> dict:
-        """``{"url", "node_id", "node_ip", "pid"}`` once serving; the start's error otherwise."""
+        """``{"url", "node_id", "node_ip", "pid", "nice"}`` once serving; the start's error otherwise."""
         if not self._ready.wait(timeout):
             raise SandboxUnreachable(f"the gateway did not start within {timeout:g}s")
         if self._error:
