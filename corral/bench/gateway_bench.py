@@ -16,7 +16,8 @@ standalone server (``corral serve --standalone``) in a process of its own.
 2. **A rollout loop**: ``--workers`` clients on one event loop, each doing
    ``--cycles`` acquire -> one shell call -> release, through each gateway and
    embedded (the same loop on ``SandboxManager``'s async API), as cycles per
-   second with acquire, tool and release latencies.
+   second with acquire, tool and release latencies, and the CPU the gateway
+   process used meanwhile (percent of one core).
 
 Figures are printed (and written with ``--out``), never asserted: the machine
 is shared and noisy.
@@ -125,6 +126,19 @@ async def rollout(m: Any, workers: int, cycles: int) -> dict:
     }
 
 
+def _cpu_s(pid: Optional[int]) -> Optional[float]:
+    """CPU seconds a process has used (None without a pid or psutil)."""
+    if pid is None:
+        return None
+    try:
+        import psutil
+
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except Exception:
+        return None
+
+
 def _free_port() -> int:
     import socket
 
@@ -201,10 +215,16 @@ def run(workers: int, cycles: int, calls: int) -> dict:
         for kind, r in remotes.items():
             print(f"[{kind}] one quiet box, {calls} pairs ...", flush=True)
             out[f"quiet_{kind}"] = asyncio.run(quiet_box(r, m, calls))
+        pids = {"actor": row["pid"], "standalone": proc.pid}
         for kind, mgr in (("embedded", m), *remotes.items()):
             settled = _settle(m, workers)
             print(f"[{kind}] {workers} workers x {cycles} cycles (settled in {settled}s) ...", flush=True)
-            out[f"rollout_{kind}"] = {**asyncio.run(rollout(mgr, workers, cycles)), "settled_s": settled}
+            cpu0 = _cpu_s(pids.get(kind))
+            result = asyncio.run(rollout(mgr, workers, cycles))
+            cpu = _cpu_s(pids.get(kind))
+            if cpu is not None and cpu0 is not None:  # how busy the gateway itself was
+                result["gateway_cpu_pct"] = round(100 * (cpu - cpu0) / result["wall_s"], 1)
+            out[f"rollout_{kind}"] = {**result, "settled_s": settled}
     finally:
         if proc is not None:
             _stop(proc)
@@ -230,9 +250,9 @@ def _table(out: dict) -> str:
         r = out.get(f"rollout_{kind}")
         if r:
             rows.append([kind, r["cycles_per_s"], r["acquire_ms"]["p50"], r["acquire_ms"]["p99"], r["tool_ms"]["p50"],
-                         r["release_ms"]["p50"], r["release_ms"]["p99"], r["errors"]])
+                         r["release_ms"]["p50"], r["release_ms"]["p99"], r["errors"], r.get("gateway_cpu_pct", "")])
     loop = tabulate(rows, headers=["rollout", "cycles/s", "acq p50", "acq p99", "tool p50", "rel p50", "rel p99",
-                                   "errors"], tablefmt="simple")
+                                   "errors", "gateway CPU %"], tablefmt="simple")
     return f"{quiet}\n\n{loop}"
 
 
