@@ -139,7 +139,8 @@ class RegistryActor:
                     len(self.core.sessions), len(self.nodes.nodes))
 
     async def _open_lane(self) -> None:
-        lane = LaneServer({"acquire": self.acquire, "release_many": self.release_many}, tag=self.ns)
+        lane = LaneServer({"acquire": self.acquire, "release_many": self.release_many, "get_info": self.get_info},
+                          tag=self.ns)
         try:
             await lane.start()
         except OSError as e:  # callers use Ray calls: slower, nothing else changes

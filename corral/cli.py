@@ -1,9 +1,10 @@
-"""The ``corral`` command: ``demo``, ``status``, ``down``, ``bench``, ``box``.
+"""The ``corral`` command: ``demo``, ``status``, ``down``, ``bench``, ``serve``.
 
 ``corral demo`` runs a few concurrent RL-style episodes on the embedded
 default (a local Ray cluster, the process driver) and prints them as a table;
 ``corral status`` shows pools, sessions and containers; ``corral down``
-releases everything corral started in a namespace and says what it removed.
+releases everything corral started in a namespace and says what it removed;
+``corral serve`` runs the gateway (docs/remote.md).
 """
 
 from __future__ import annotations
@@ -141,6 +142,12 @@ def cmd_bench(args) -> int:
     return run_cli(args)
 
 
+def cmd_serve(args) -> int:
+    from corral.gateway.cli import run
+
+    return run(args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="corral", description="Sandboxes for AI agents and RL training, on Ray.")
     p.add_argument("--namespace", default="corral", help="Ray namespace of corral's actors (default: corral)")
@@ -159,17 +166,23 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     bench_arguments(sub.add_parser("bench", help="RL-shaped benchmark: corral vs destroy-on-release, no pool, "
                                                   "direct HTTP (writes DIR/bench.json and DIR/bench.png)"))
+    from corral.gateway.cli import add_arguments as serve_arguments
+
+    serve_arguments(sub.add_parser("serve", allow_abbrev=False,  # `--token X` must not pass for --token-file
+                                   help="the gateway: corral over HTTP for clients outside the Ray cluster "
+                                        "(a Ray actor per node, or --standalone)"))
     sub.add_parser("chaos", help="break corral on purpose and count what it survives (corral chaos --help)",
                    add_help=False)
-    if argv is None:
-        argv = sys.argv[1:]
-    if "chaos" in argv:  # its own parser: `corral chaos --driver docker --only ...`
+    args, rest = p.parse_known_args(argv)
+    if args.cmd == "chaos":  # its own parser: `corral chaos --driver docker --only ...`
         from corral.chaos import main as chaos_main
 
-        return chaos_main(argv[argv.index("chaos") + 1:])
-    args = p.parse_args(argv)
+        return chaos_main(rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return {"demo": cmd_demo, "status": cmd_status, "down": cmd_down, "bench": cmd_bench}[args.cmd](args)
+        return {"demo": cmd_demo, "status": cmd_status, "down": cmd_down, "bench": cmd_bench,
+                "serve": cmd_serve}[args.cmd](args)
     except Exception as e:
         from corral.errors import CorralError
 

@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAIRS: list[tuple[str, str]] = [
     ("corral/client/_async", "corral/client/_sync"),
     ("corral/manager/_async", "corral/manager/_sync"),
+    ("corral/remote/_async", "corral/remote/_sync"),
 ]
 
 #: (async source module, its class, the OPERATIONS tuple's module, generated mixin, mixin class):

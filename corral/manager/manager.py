@@ -55,6 +55,14 @@ class SandboxManager(ManagerOperations):
     machine, or a new local one that this process owns).
     """
 
+    def __new__(cls, config: Any = None, base_url: Optional[str] = None, *args: Any, **kwargs: Any):
+        # Remote mode: the same operations, sent to a corral gateway (corral/remote, docs/remote.md).
+        if base_url is not None and cls is SandboxManager:
+            from corral.remote import RemoteSandboxManager
+
+            return super().__new__(RemoteSandboxManager)
+        return super().__new__(cls)
+
     def __init__(
         self,
         config: Union[SandboxManagerEnvConfig, dict, None] = None,
@@ -64,10 +72,7 @@ class SandboxManager(ManagerOperations):
         address: Optional[str] = None,
     ) -> None:
         if base_url is not None:
-            raise InvalidRequest(
-                "remote mode (base_url=...) is not available in this version of corral; "
-                "use it embedded (no base_url) from any process of the Ray cluster"
-            )
+            raise InvalidRequest(f"{type(self).__name__} is embedded; SandboxManager(base_url=...) is remote mode")
         if config is None:
             config = SandboxManagerEnvConfig()
         elif isinstance(config, dict):
@@ -88,15 +93,19 @@ class SandboxManager(ManagerOperations):
         self._aops: dict[int, tuple[asyncio.AbstractEventLoop, AsyncOps]] = {}
 
     def _async_ops(self) -> AsyncOps:
-        # httpx.AsyncClient is bound to the event loop it first runs on: one AsyncOps per loop.
+        # Connections are bound to the event loop they were opened on: one async core per loop.
         # The entry holds its loop, so a closed loop's id cannot be handed to a new loop while
         # the entry lives; entries of closed loops (asyncio.run per call) are dropped here.
         loop = asyncio.get_running_loop()
         entry = self._aops.get(id(loop))
         if entry is None or entry[0] is not loop:
             self._aops = {k: v for k, v in self._aops.items() if not v[0].is_closed()}
-            entry = self._aops[id(loop)] = (loop, AsyncOps(self.cluster, self._owned))
+            entry = self._aops[id(loop)] = (loop, self._new_async_ops())
         return entry[1]
+
+    def _new_async_ops(self) -> AsyncOps:
+        """The async core for one event loop (remote mode makes its own)."""
+        return AsyncOps(self.cluster, self._owned)
 
     # -- context managers ----------------------------------------------------------
 

@@ -49,7 +49,7 @@ def _stop_actors(namespace: str) -> int:
     for entry in ray.util.list_named_actors(all_namespaces=True):
         name = entry.get("name", "")
         if entry.get("namespace") == namespace and (
-                name == REGISTRY_NAME or name.startswith(SESSION_PREFIX) or name.startswith("corral-pool-")):
+                name == REGISTRY_NAME or name.startswith((SESSION_PREFIX, "corral-pool-", "corral-gateway-"))):
             try:
                 ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
                 n += 1

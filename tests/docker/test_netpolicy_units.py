@@ -121,6 +121,7 @@ def test_allow_lists_and_modes():
 def test_container_spec_and_sandbox_type_take_the_same_network_fields():
     from pydantic import ValidationError
 
+    from corral.errors import InvalidRequest
     from corral.models import SandboxTypeConfig
 
     assert ContainerSpec(name="n", token="t" * 16).network == "egress"
@@ -129,7 +130,7 @@ def test_container_spec_and_sandbox_type_take_the_same_network_fields():
     assert ContainerSpec(name="n", token="t" * 16, network=t.network, allow=t.allow).allow == t.allow
     for bad in (dict(network="allowlist"), dict(network="none", allow=["1.2.3.4"]), dict(network="host"),
                 dict(network="allowlist", allow=["a b"]), dict(network_mode="none")):
-        with pytest.raises(ValidationError):
+        with pytest.raises(InvalidRequest):  # corral's config models speak the one exception tree
             SandboxTypeConfig(name="a", **bad)
         with pytest.raises(ValidationError):
             ContainerSpec(name="n", token="t" * 16, **bad)

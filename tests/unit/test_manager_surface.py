@@ -68,7 +68,7 @@ def test_the_manager_defines_every_operation_with_the_cores_signature_and_docs()
     assert inspect.signature(SandboxManager.acquire_async).return_annotation == "AsyncSandbox"
 
 
-def test_remote_mode_says_it_is_not_available():
+def test_remote_mode_without_a_token_is_refused():
     import corral
 
     with pytest.raises(corral.InvalidRequest, match="remote mode"):

@@ -361,7 +361,7 @@ class Ops:
 
     def get_info(self, identity: str) -> dict:
         """The record (following ``redirect_to``). Unknown: NotFound."""
-        return _rt.call(self._cluster.registry.get_info.remote(_ident(identity)))
+        return self._registry.call("get_info", _ident(identity))
 
     # -- tools (proxied to the box; each one is activity for its session) ---------
 
