@@ -131,13 +131,14 @@ class TenantOps:
 
     async def acquire(self, sandbox_type: Optional[str] = None, session_ctx_id: Optional[str] = None,
                       env: Optional[dict] = None, timeout: Optional[float] = None,
-                      meta: Optional[dict] = None) -> dict:
-        """A warm sandbox bound to a session; answers its record (what a remote handle is built from)."""
+                      meta: Optional[dict] = None, node: Optional[str] = None) -> dict:
+        """A warm sandbox bound to a session; answers its record (what a remote handle is built from).
+        ``node``: as embedded, seen from the gateway ("local" is the gateway's node)."""
         m = tag_meta(self.tenant, meta)
         m.pop("session_ctx_id", None)  # the session is the argument's
         sid = self._scoped(_new_session_id() if session_ctx_id is None else session_ctx_id)
         sb = await self._b.op("acquire")(sandbox_type=sandbox_type, session_ctx_id=sid, env=env,
-                                         timeout=timeout, meta=m)
+                                         timeout=timeout, meta=m, node=node)
         return self._own(sb.record)
 
     async def release(self, identity: str) -> bool:

@@ -105,3 +105,14 @@ def test_each_event_loop_gets_its_own_async_ops_and_closed_loops_are_forgotten()
     second = asyncio.run(ops_twice())
     assert second is not first  # a new loop (even one given the old one's id) never gets the old clients
     assert [ops for _, ops in m._aops.values()] == [second]  # the closed loop's entry is gone
+
+
+def test_remote_mode_has_every_operation_with_the_embedded_arguments():
+    """``SandboxManager(base_url=...)`` is the same manager: its generated methods call the remote
+    core, which must take what the embedded core takes."""
+    from corral.remote._async.ops import AsyncRemoteOps
+    from corral.remote._sync.ops import RemoteOps
+
+    for name in OPERATIONS:
+        for remote in (AsyncRemoteOps, RemoteOps):
+            assert _params(getattr(remote, name)) == _params(getattr(AsyncOps, name)), (remote.__name__, name)

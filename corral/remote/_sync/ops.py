@@ -28,7 +28,7 @@ from corral.client import BoxClient
 from corral.client._sync import _rt as _http_rt
 from corral.client._errors import decode_json, error_from_response, malformed, transport_errors
 from corral.client._http import tls_context
-from corral.errors import InvalidRequest, SandboxGone
+from corral.errors import Forbidden, InvalidRequest, SandboxGone
 from corral.manager._sync import _rt
 from corral.manager._sync.sandbox import Sandbox
 
@@ -207,10 +207,11 @@ class RemoteOps:
 
     def acquire(self, sandbox_type: Optional[str] = None, session_ctx_id: Optional[str] = None,
                       env: Optional[dict] = None, timeout: Optional[float] = None,
-                      meta: Optional[dict] = None) -> Sandbox:
-        """A warm sandbox bound to a session, as a handle whose tool calls go through the gateway."""
-        rec = self._call("acquire", read_timeout=_waiting(timeout), sandbox_type=self._type(sandbox_type), session_ctx_id=session_ctx_id, env=env,
-                               timeout=timeout, meta=meta)
+                      meta: Optional[dict] = None, node: Optional[str] = None) -> Sandbox:
+        """A warm sandbox bound to a session, as a handle whose tool calls go through the gateway.
+        ``node`` is as embedded, seen from the gateway ("local": the gateway's node)."""
+        rec = self._call("acquire", read_timeout=_waiting(timeout), sandbox_type=self._type(sandbox_type),
+                               session_ctx_id=session_ctx_id, env=env, timeout=timeout, meta=meta, node=node)
         rec = self._handle_record(rec)
         self.owned.add(rec["container_name"])
         return Sandbox(self, rec, self._box(rec))
@@ -291,6 +292,12 @@ class RemoteOps:
         return names
 
     # -- observability -----------------------------------------------------------
+
+    def configure(self, pool_size: Optional[int] = None, sandbox_types: Optional[dict] = None,
+                        max_sandbox_instances: Optional[int] = None) -> dict:
+        """Changing the namespace is its operator's call, made embedded; a tenant of the gateway cannot."""
+        raise Forbidden("configure changes the namespace every tenant of the gateway shares: its operator "
+                        "runs it embedded (SandboxManager(config).configure(...)), not through the gateway")
 
     def status(self) -> dict:
         """This tenant's records and sessions, and the shared pools."""
