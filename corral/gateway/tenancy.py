@@ -22,6 +22,8 @@ whatever its meta says. Tool calls and the proxy also require a live state.
 
 from __future__ import annotations
 
+import secrets
+
 from typing import Any, Optional
 
 from corral.errors import InvalidRequest
@@ -39,9 +41,9 @@ __all__ = [
 
 #: The reserved meta key holding a sandbox's tenant.
 TENANT_KEY = "corral.tenant"
-#: Between a tenant's name and its own session id.
-SEP = "/"
-#: Longest session id a tenant may use (its own part).
+#: Between a tenant's name and its own session id (tenant names never hold it).
+SEP = ":"
+#: Longest session id corral takes; a tenant's own part is shorter by its name and SEP.
 MAX_SESSION_ID = 256
 
 
@@ -49,8 +51,9 @@ def scope(tenant: str, session_ctx_id: Any, what: str = "session_ctx_id") -> str
     """The corral session id of a tenant's session id."""
     if not isinstance(session_ctx_id, str) or not session_ctx_id:
         raise InvalidRequest(f"{what} must be a non-empty string, got {session_ctx_id!r}")
-    if len(session_ctx_id) > MAX_SESSION_ID:
-        raise InvalidRequest(f"{what} is longer than {MAX_SESSION_ID} characters")
+    room = MAX_SESSION_ID - len(tenant) - len(SEP)
+    if len(session_ctx_id) > room:
+        raise InvalidRequest(f"{what} is longer than {room} characters")
     return f"{tenant}{SEP}{session_ctx_id}"
 
 
@@ -83,8 +86,9 @@ def tag_meta(tenant: str, meta: Any) -> dict:
         raise InvalidRequest(f"meta key {TENANT_KEY!r} is reserved: the gateway sets it")
     out = dict(meta)
     sid = out.get("session_ctx_id")
-    if sid is not None:
-        out["session_ctx_id"] = scope(tenant, sid, "meta.session_ctx_id")
+    # Every sandbox has a session (its clock); one made without gets one of the tenant's own.
+    out["session_ctx_id"] = scope(tenant, sid if sid is not None else "auto-" + secrets.token_hex(8),
+                                  "meta.session_ctx_id")
     out[TENANT_KEY] = tenant
     return out
 

@@ -235,7 +235,7 @@ def test_a_sandbox_acquired_for_a_client_that_left_is_given_back(make_manager, s
         assert time.monotonic() < deadline, "b's acquire never ended"
         time.sleep(0.1)
     assert "client of acquire left before its answer" in caplog.text
-    assert m.get_session_mapping("beta/impatient") == []
+    assert m.get_session_mapping("beta:impatient") == []
     assert not [r for r in m.status()["records"] if r.get("state") == "RUNNING"]
     b = SandboxManager(base_url=gw.url, bearer_token=tokens.b)
     assert b.list_session_keys() == []

@@ -72,11 +72,11 @@ def test_only_digests_cross_process_boundaries():
 
 
 def test_session_ids_are_scoped_per_tenant():
-    assert scope("alpha", "ep-1") == "alpha/ep-1"
-    assert unscope("alpha", "alpha/ep-1") == "ep-1"
-    assert unscope("alpha", "alpha/b/x") == "b/x"
-    assert unscope("beta", "alpha/ep-1") is None and unscope("alpha", None) is None
-    assert unscope("alp", "alpha/x") is None  # a tenant whose name is a prefix of another's sees nothing of it
+    assert scope("alpha", "ep-1") == "alpha:ep-1"
+    assert unscope("alpha", "alpha:ep-1") == "ep-1"
+    assert unscope("alpha", "alpha:b:x") == "b:x"
+    assert unscope("beta", "alpha:ep-1") is None and unscope("alpha", None) is None
+    assert unscope("alp", "alpha:x") is None  # a tenant whose name is a prefix of another's sees nothing of it
     for bad in (None, "", 3, "x" * 300):
         with pytest.raises(corral.InvalidRequest):
             scope("alpha", bad)
@@ -84,8 +84,9 @@ def test_session_ids_are_scoped_per_tenant():
 
 def test_meta_is_tagged_and_the_tag_cannot_be_forged():
     m = tag_meta("alpha", {"session_ctx_id": "ep", "k": 1})
-    assert m == {"session_ctx_id": "alpha/ep", "k": 1, TENANT_KEY: "alpha"}
-    assert tag_meta("alpha", None) == {TENANT_KEY: "alpha"}
+    assert m == {"session_ctx_id": "alpha:ep", "k": 1, TENANT_KEY: "alpha"}
+    bare = tag_meta("alpha", None)  # a sandbox made without a session gets one of the tenant's own
+    assert bare[TENANT_KEY] == "alpha" and unscope("alpha", bare["session_ctx_id"]).startswith("auto-")
     with pytest.raises(corral.InvalidRequest, match="reserved"):
         tag_meta("alpha", {TENANT_KEY: "beta"})
     with pytest.raises(corral.InvalidRequest, match="meta must be an object"):
@@ -100,18 +101,18 @@ def _rec(tenant=None, sid=None, **kw):
 
 
 def test_ownership_needs_the_tag_and_a_session_of_the_tenant():
-    assert owns("alpha", _rec("alpha", "alpha/ep"))
+    assert owns("alpha", _rec("alpha", "alpha:ep"))
     assert owns("alpha", _rec("alpha"))  # created without a session
-    assert not owns("beta", _rec("alpha", "alpha/ep"))
+    assert not owns("beta", _rec("alpha", "alpha:ep"))
     assert not owns("alpha", _rec(None))  # a pool sandbox, or an embedded user's
     # a reused sandbox still tagged by its last tenant, now bound to someone else's session
-    assert not owns("alpha", _rec("alpha", "beta/ep"))
+    assert not owns("alpha", _rec("alpha", "beta:ep"))
     assert not owns("alpha", _rec("alpha", "s-embedded"))
     assert not owns("alpha", None)
 
 
 def test_public_records_have_no_box_token_and_the_tenants_own_ids():
-    out = public_record("alpha", _rec("alpha", "alpha/ep", url="http://127.0.0.1:1"))
+    out = public_record("alpha", _rec("alpha", "alpha:ep", url="http://127.0.0.1:1"))
     assert "runtime_token" not in out
     assert out["session_ctx_id"] == "ep" and out["meta"] == {"session_ctx_id": "ep"}
 
