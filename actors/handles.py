@@ -44,7 +44,8 @@ class PoolHandle:
         self.handle, self.sandbox_type, self.node = handle, sandbox_type, node
 
     @classmethod
-    def create(cls, config: dict, sandbox_type: str, node: str, owner: str, namespace: str) -> "PoolHandle":
+    def create(cls, config: dict, sandbox_type: str, node: str, owner: str, namespace: str,
+               address: str) -> "PoolHandle":
         """Get or start the pool of ``sandbox_type`` pinned to ``node`` (a GCS call: not on an event loop)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -54,7 +55,7 @@ class PoolHandle:
             name=pool_name(sandbox_type, node), namespace=namespace, lifetime="detached", get_if_exists=True,
             max_restarts=-1, max_task_retries=0, num_cpus=0, max_concurrency=1000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote(config, sandbox_type, node, owner)
+        ).remote(config, sandbox_type, node, owner, address)
         return cls(h, sandbox_type, node)
 
     async def start(self, items: list[dict]) -> list[dict]:

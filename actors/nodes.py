@@ -90,7 +90,7 @@ class NodeSet:
         for t in self.config.sandbox_types:
             if t not in info.pools:
                 info.pools[t] = await asyncio.to_thread(
-                    PoolHandle.create, raw, t, info.node_id, self.owner, self.config.namespace)
+                    PoolHandle.create, raw, t, info.node_id, self.owner, self.config.namespace, info.address)
 
     def advertise(self, node: str) -> Optional[str]:
         """The address a box on ``node`` listens and is reached at (see ``advertise_host``): None
@@ -106,6 +106,13 @@ class NodeSet:
     def pool(self, sandbox_type: str, node: str) -> Optional[PoolHandle]:
         info = self.nodes.get(node)
         return info.pools.get(sandbox_type) if info else None
+
+    def addresses(self) -> dict[str, str]:
+        return {n.node_id: n.address for n in self.nodes.values()}
+
+    def by_address(self, address: Optional[str]) -> Optional[str]:
+        """The live node at ``address`` (None when none is)."""
+        return next((n.node_id for n in self.nodes.values() if address and n.address == address), None)
 
     def views(self) -> list[NodeView]:
         return [NodeView(n.node_id, n.capacity, start_limit=n.start_limit, address=n.address)

@@ -47,12 +47,13 @@ MAX_REMOVALS = 2
 ALIVE_EVERY = 1.0
 
 
-def node_driver_config(config: SandboxManagerEnvConfig, node: str):
-    """The driver config of one node. The process driver keeps each node's boxes in a directory of
-    their own: nodes that share a file system (several on one machine) never list each other's."""
+def node_driver_config(config: SandboxManagerEnvConfig, address: str):
+    """The driver config of the node at ``address``. The process driver keeps each node's boxes in a
+    directory of their own: nodes that share a file system (several on one machine) never list each
+    other's. Keyed by address, not node id: a machine keeps its address when Ray restarts."""
     cfg = config.driver_config()
     if cfg.type == "process":
-        cfg = cfg.model_copy(update={"root": os.path.join(cfg.root, node[:12])})
+        cfg = cfg.model_copy(update={"root": os.path.join(cfg.root, address or "local")})
     return cfg
 
 
@@ -65,14 +66,15 @@ def _error(e: BaseException) -> dict:
 class PoolActor:
     """See the module docstring. Every method is safe to call again with the same arguments."""
 
-    def __init__(self, config: dict, sandbox_type: str, node_id: str, owner: str) -> None:
+    def __init__(self, config: dict, sandbox_type: str, node_id: str, owner: str, address: str) -> None:
         self.nice = set_priority(CONTROL_NICE)  # its starts and resets answer acquires: ahead of the sandboxes
         self.config = SandboxManagerEnvConfig.model_validate(config)
         self.type = sandbox_type
         self.node = node_id
+        self.address = address
         self.owner = owner
         self.ns = self.config.namespace
-        self.driver = make_driver(node_driver_config(self.config, node_id))
+        self.driver = make_driver(node_driver_config(self.config, address))
         self._starting: dict[str, asyncio.Future] = {}
         self._results: dict[str, tuple[float, dict]] = {}
         self._removals = asyncio.Semaphore(MAX_REMOVALS)
@@ -110,7 +112,7 @@ class PoolActor:
     def _ours(self, labels: dict) -> bool:
         """A container of this registry instance (one carrying no owner label predates owners), made
         for this node (a node whose engine is shared lists only its own)."""
-        return labels.get(LABEL_OWNER, self.owner) == self.owner and labels.get(LABEL_NODE) in (None, "", self.node)
+        return labels.get(LABEL_OWNER, self.owner) == self.owner and labels.get(LABEL_NODE) in (None, "", self.address)
 
     # -- starts ------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ LABEL_NAME = "corral.name"  # the sandbox's name (the record key)
 LABEL_TYPE = "corral.sandbox_type"
 LABEL_REGISTRY = "corral.registry"  # the namespace
 LABEL_OWNER = "corral.owner"  # the registry instance: its state dir and namespace (see owner_id)
-LABEL_NODE = "corral.node"  # the Ray node the sandbox was started for
+LABEL_NODE = "corral.node"  # the address of the node the sandbox was started for (stable across Ray restarts)
 
 SESSION_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -103,6 +103,7 @@ class ContainerModel(BaseModel):
     created_at: Optional[float] = None
     rev: int = 0  # bumped by the registry on every transition
     node_id: Optional[str] = None  # the Ray node the sandbox runs on
+    node_address: Optional[str] = None  # that node's address: a Ray restart gives the machine a new node id
     storage_synced_at: Optional[float] = None  # the last upload of its workspace that completed
     storage_error: Optional[str] = None  # why the last upload or download failed (None: it did not)
 
@@ -358,7 +359,7 @@ def labels_for(rec: "ContainerModel", namespace: str, owner: str) -> dict[str, s
         LABEL_TYPE: rec.sandbox_type or "",
         LABEL_REGISTRY: namespace,
         LABEL_OWNER: owner,
-        LABEL_NODE: rec.node_id or "",
+        LABEL_NODE: rec.node_address or "",
     }
 
 

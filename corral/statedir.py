@@ -13,6 +13,8 @@ What it owns, on disk:
   starting its own; a record whose cluster is gone is stale, and an embedded
   owner that died without cleaning up left sandboxes to remove at the next
   start (:class:`ClusterRecord`).
+- ``<state_dir>/<namespace>/config.json``: what ``configure`` changed in a running namespace,
+  applied again when its registry restarts (:class:`ConfigOverrides`).
 - ``$TMPDIR/corral-<uid>/index/<namespace>.json``: every state dir and driver a
   namespace used on this machine, so ``corral down --namespace NS`` finds what
   it left whatever config the command is given (:func:`remember`, :func:`recall`).
@@ -30,11 +32,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from corral.errors import Conflict
 
-__all__ = ["RegistryLock", "ClusterRecord", "cluster_lock", "remember", "recall", "pid_alive", "index_dir"]
+__all__ = ["RegistryLock", "ClusterRecord", "ConfigOverrides", "cluster_lock", "remember", "recall", "pid_alive",
+           "index_dir"]
 
 
 def pid_alive(pid: Optional[int]) -> bool:
@@ -133,6 +136,21 @@ class ClusterRecord:
     @property
     def owner_alive(self) -> bool:
         return pid_alive(self.owner_pid)
+
+
+class ConfigOverrides:
+    """The fields ``configure`` changed, kept with the namespace's records."""
+
+    def __init__(self, state_dir: str, namespace: str) -> None:
+        self.path = Path(state_dir) / namespace / "config.json"
+
+    def apply(self, config: Any) -> Any:
+        """``config`` with the saved changes (a pydantic model of the same class)."""
+        over = _read_json(self.path)
+        return type(config).model_validate({**config.model_dump(mode="json"), **over}) if over else config
+
+    def save(self, changes: dict) -> None:
+        _write_json(self.path, {**(_read_json(self.path) or {}), **changes})
 
 
 @contextlib.contextmanager

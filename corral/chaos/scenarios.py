@@ -389,7 +389,9 @@ def ray_restarts(h: Harness) -> Outcome:
     try:
         cfg = h.config("ray_restart", pool_size=0)
         held = _hold_on(head, cfg, h)
-        driver = make_driver(cfg.driver_config())
+        from corral.actors.pool_actor import node_driver_config
+
+        driver = make_driver(node_driver_config(cfg, head.host))  # where corral's pool on the head looks
         loop = asyncio.new_event_loop()  # one loop for every call of this driver (its clients are bound to it)
         try:
             orphan = loop.run_until_complete(driver.create(ContainerSpec(

@@ -106,6 +106,7 @@ class RegistryCore:
         self.clock = clock
         self.registry_id = registry_id
         self.node = node  # the node of records that name none (written before nodes were recorded)
+        self.addresses: dict[str, str] = {}  # node id -> address, of the nodes known now (set by the shell)
         self.records: dict[str, ContainerModel] = {}
         self.sessions: dict[str, list[str]] = {}
         self.counted = 0
@@ -298,6 +299,7 @@ class RegistryCore:
             created_at=now,
             updated_at=now,
             node_id=node or self.node or None,
+            node_address=self.addresses.get(node or self.node),
         )
         self.records[name] = rec
         self._tally(rec, S.STARTING, 1)
@@ -480,6 +482,27 @@ class RegistryCore:
         if rec.state in (S.WARM, S.RESETTING):
             self._drop(name)
         return None
+
+    def move_node(self, old: str, new: str) -> int:
+        """The machine of node ``old`` came back as node ``new`` (Ray was restarted: same address,
+        new id). Its records follow; the reconciliation of ``new`` then adopts their containers."""
+        n = 0
+        for rec in [r for r in self.records.values() if self.node_of(r) == old]:
+            self._tally(rec, rec.state, -1)
+            rec.node_id = new
+            self._tally(rec, rec.state, 1)
+            self._touch(rec)
+            n += 1
+        return n
+
+    def nodes_of_records(self) -> dict[str, Optional[str]]:
+        """Every node id records name, with the address recorded for it."""
+        out: dict[str, Optional[str]] = {}
+        for r in self.records.values():
+            node = self.node_of(r)
+            if node not in out or (r.node_address and not out[node]):
+                out[node] = r.node_address
+        return out
 
     def node_lost(self, node: str) -> list[ContainerModel]:
         """A node died: its sessions' sandboxes go LOST (restorable elsewhere, reason NODE_LOST),

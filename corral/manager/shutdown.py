@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 
@@ -74,7 +73,7 @@ async def _sweep(namespace: str, uses: list[dict]) -> tuple[int, int]:
         configs.append(cfg)
         if cfg.type == "process" and os.path.isdir(cfg.root):  # each node's boxes in a directory of its own
             configs += [cfg.model_copy(update={"root": os.path.join(cfg.root, d)}) for d in sorted(os.listdir(cfg.root))
-                        if re.fullmatch(r"[0-9a-f]{12}", d) and os.path.isdir(os.path.join(cfg.root, d))]
+                        if os.path.isdir(os.path.join(cfg.root, d)) and not os.path.exists(os.path.join(cfg.root, d, "meta.json"))]
     for cfg in configs:
         key = cfg.model_dump_json()
         if key in seen:

@@ -227,7 +227,7 @@ def test_registry_restart_keeps_records_and_removes_orphans(make_manager):
 
     m = make_manager(pool_size=0)
     name = m.create(meta={"session_ctx_id": "survivor"})
-    driver = make_driver(node_driver_config(m.config, m.get_info(name)["node_id"]))  # its node's boxes
+    driver = make_driver(node_driver_config(m.config, m.get_info(name)["node_address"]))  # its node's boxes
     orphan = asyncio.run(driver.create(ContainerSpec(
         name="runtime_sandbox_container_orphan", token="t" * 32,
         labels={"corral.managed": "true", "corral.registry": m.config.namespace,
