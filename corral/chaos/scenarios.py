@@ -391,7 +391,8 @@ def ray_restarts(h: Harness) -> Outcome:
         held = _hold_on(head, cfg, h)
         from corral.actors.pool_actor import node_driver_config
 
-        driver = make_driver(node_driver_config(cfg, head.host))  # where corral's pool on the head looks
+        address = held.split()[-1] if held.startswith("created") else head.host
+        driver = make_driver(node_driver_config(cfg, address))  # where corral's pool on that node looks
         loop = asyncio.new_event_loop()  # one loop for every call of this driver (its clients are bound to it)
         try:
             orphan = loop.run_until_complete(driver.create(ContainerSpec(
@@ -426,7 +427,7 @@ def _hold_on(head, cfg, h: Harness) -> str:
         "if not names:\n"
         "    n = m.create(meta={'session_ctx_id': 'held'})\n"
         "    m.call_tool(n, 'run_shell_command', {'command': 'echo kept > held.txt'})\n"
-        "    print('created', n)\n"
+        "    print('created', m.get_info(n)['node_address'])\n"
         "else:\n"
         "    out = m.call_tool(names[0], 'run_shell_command', {'command': 'cat held.txt'})\n"
         "    print('ok' if out['content'][0]['text'].strip() == 'kept' and m.get_info(names[0])['state'] == 'RUNNING'"
