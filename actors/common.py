@@ -18,15 +18,21 @@ __all__ = ["Ticker", "Outbox", "fire", "set_priority", "CONTROL_NICE", "registry
 logger = logging.getLogger("corral.actors")
 
 
-def registry_options(name: str, namespace: str) -> dict:
+def registry_options(name: str, namespace: str, node: str | None = None) -> dict:
     """Options of the detached, named registry: restarted forever, calls to it retried across a
-    restart (every method is safe to retry), no CPU reserved.
+    restart (every method is safe to retry), no CPU reserved, and placed on ``node`` (the node of
+    the process that starts it: its state dir is on that node's disk) while that node lives.
 
     ``max_concurrency`` is high because every method is a coroutine that mostly awaits other
     actors; the core's state changes happen between awaits, so the event loop serializes them.
     """
-    return dict(name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_restarts=-1,
+    opts = dict(name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_restarts=-1,
                 max_task_retries=-1, num_cpus=0, max_concurrency=1000)
+    if node:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+    return opts
 
 
 class Ticker:

@@ -40,7 +40,7 @@ else
   rc=$?
   # A process joins one Ray cluster: the multi-node tests build theirs in a session of their own.
   say "running the multi-node tests"
-  "${PYTEST[@]}" tests/cluster
+  RAY_AUTH_MODE=token "${PYTEST[@]}" tests/cluster
   rc2=$?
   [ $rc -eq 0 ] && rc=$rc2
 fi

@@ -229,7 +229,8 @@ def connect(config: SandboxManagerEnvConfig, address: Optional[str] = None, quie
         owned, sweep = False, False
     else:
         owned, sweep = ensure_ray(address, config)
-        registry = ray.remote(RegistryActor).options(**registry_options(REGISTRY_NAME, config.namespace)).remote(
+        opts = registry_options(REGISTRY_NAME, config.namespace, node=ray.get_runtime_context().get_node_id())
+        registry = ray.remote(RegistryActor).options(**opts).remote(
             config.model_dump(mode="json"), sweep)
     try:
         hello = ray.get(registry.hello.remote())  # answers once the registry is up

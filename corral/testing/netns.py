@@ -1,6 +1,7 @@
 """Several Ray nodes on one machine: worker nodes in network namespaces of their own.
 
-What it owns: a Linux bridge with the head's address (e.g. 10.213.0.1/24), one network
+What it owns: a Linux bridge with the head's address (e.g. 10.213.0.1/24) and an iptables rule
+that lets traffic between its ports through (Docker sets FORWARD to DROP), one network
 namespace per worker node joined to it by a veth pair (10.213.0.2, .3, ...), a ``ray start``
 head on the bridge address (:class:`~corral.testing.rayhead.RayHead`), a ``ray start`` worker
 inside each namespace with a custom resource naming it, and optionally a Docker engine per
@@ -31,7 +32,10 @@ __all__ = ["NetnsCluster", "WorkerNode", "netns_problem"]
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"`ip {' '.join(args)}` failed ({r.returncode}): {r.stderr.strip()}")
+    return r
 
 
 def netns_problem() -> Optional[str]:
@@ -75,10 +79,37 @@ class NetnsCluster:
 
     # -- network -------------------------------------------------------------------
 
+    def _clear_leftovers(self) -> None:
+        """Remove what a run of this tag left when it was killed before its cleanup (bridge, namespaces)."""
+        if _ip("link", "show", self.bridge, check=False).returncode == 0:
+            _ip("link", "del", self.bridge, check=False)
+        self._drop_forward_rule()
+        names = _ip("netns", "list", check=False).stdout.split()
+        for name in names:
+            if name.startswith(f"{self.tag}n") and name[len(self.tag) + 1:].isdigit():
+                for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                    try:
+                        psutil.Process(int(pid)).kill()
+                    except (psutil.NoSuchProcess, ValueError):
+                        pass
+                _ip("netns", "del", name, check=False)
+
+    def _forward_rule(self, op: str) -> subprocess.CompletedProcess:
+        """``iptables -I/-C/-D FORWARD``: traffic between two worker namespaces crosses the bridge, and
+        with a Docker engine on the machine bridged frames go through iptables (br_netfilter) where
+        the FORWARD policy is DROP. One rule lets this bridge's own traffic through, nothing else."""
+        return subprocess.run(["iptables", op, "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"],
+                              capture_output=True, text=True)
+
     def _bridge(self) -> None:
+        self._clear_leftovers()
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
+        if shutil.which("iptables") and self._forward_rule("-C").returncode != 0:
+            r = self._forward_rule("-I")
+            if r.returncode != 0:
+                raise RuntimeError(f"cannot let traffic through the bridge {self.bridge}: {r.stderr.strip()}")
 
     def _netns(self, i: int) -> tuple[str, str]:
         ns, host_end, ns_end = f"{self.tag}n{i}", f"{self.tag}h{i}", f"{self.tag}v{i}"
@@ -191,3 +222,10 @@ class NetnsCluster:
             shutil.rmtree(node.temp_dir, ignore_errors=True)
         self.head.stop()
         _ip("link", "del", self.bridge, check=False)
+        self._drop_forward_rule()
+
+    def _drop_forward_rule(self) -> None:
+        if shutil.which("iptables"):
+            for _ in range(10):
+                if self._forward_rule("-D").returncode != 0:
+                    break

@@ -16,6 +16,10 @@ from __future__ import annotations
 import os
 import uuid
 
+# The heads and workers ``ray start`` makes use token auth; this process joins them, and Ray reads
+# the mode once, when it first configures itself: before anything here imports Ray.
+os.environ["RAY_AUTH_MODE"] = "token"
+
 import pytest
 
 from corral.testing.netns import NetnsCluster, netns_problem
