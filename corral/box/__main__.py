@@ -85,15 +85,17 @@ def write_ready_file(path: str, port: int) -> None:
 
 
 async def _serve(args: argparse.Namespace, token: str) -> None:
-    import uvicorn
-
-    from .app import create_app
     from .runtime import BoxRuntime
 
     runtime = BoxRuntime(args.workspace, args.tmp_dir)
     try:
-        await runtime.start()
+        runtime.begin()  # the fork server's interpreter starts while the box imports its HTTP stack
+        import uvicorn
+
+        from .app import create_app
+
         app = create_app(runtime, token)
+        await runtime.start()
         config = uvicorn.Config(
             app,
             host=args.host,
@@ -242,12 +244,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"corral box: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..errors import CorralError
+
     try:
         asyncio.run(_serve(args, token))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
         print(f"corral box: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    except CorralError as exc:  # the sandbox cannot serve what it exists for (its Python kernel)
+        print(f"corral box: {exc}", file=sys.stderr)
         return 1
     return 0
 
