@@ -5,8 +5,10 @@ carries the label ``corral.managed=true``; :meth:`DockerDriver.list` never
 reports any other container, so a reconciler that removes "what it does not
 know" cannot touch a user's unrelated containers). It keeps no records.
 
-Every docker-py call is blocking, so each runs through :func:`asyncio.to_thread`
-and the caller's event loop never waits on the engine. Docker's errors become
+Every docker-py call is blocking, so each runs in a thread of the driver's own
+pool (:data:`ENGINE_THREADS` threads and as many engine connections: asyncio's
+default pool has cpu_count + 4 threads, for which starts in flight and removals
+would queue) and the caller's event loop never waits on the engine. Docker's errors become
 corral's in one place, :func:`_mapped`.
 
 How a container is made (:meth:`DockerDriver.create`):
@@ -72,6 +74,7 @@ None and its ``status`` is ``"missing"``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import json
@@ -107,6 +110,8 @@ _TOKEN_ENV = ("SECRET_TOKEN", "CORRAL_TOKEN_FILE")
 T = TypeVar("T")
 
 _PORT_KEY = f"{BOX_PORT}/tcp"
+#: Threads for blocking engine calls: more than the starts and removals a node runs at once.
+ENGINE_THREADS = 32
 _READY_POLL = 0.02
 #: How often the health route is polled while the driver waits for the box's ready line.
 _READY_POLL_SLOW = 0.5
@@ -209,6 +214,7 @@ class DockerDriver(Driver):
             self._firewall = Firewall(cfg.network_name, cfg.subnet, cfg.blocked_cidrs, dns, self._node_lock)
         self._network_ready = False
         self._network_lock = asyncio.Lock()
+        self._threads: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     # -- plumbing ------------------------------------------------------------
 
@@ -217,8 +223,8 @@ class DockerDriver(Driver):
 
         with _mapped("connecting to the Docker engine"):
             if self.config.base_url:
-                return docker.DockerClient(base_url=self.config.base_url)
-            return docker.from_env()
+                return docker.DockerClient(base_url=self.config.base_url, max_pool_size=ENGINE_THREADS)
+            return docker.from_env(max_pool_size=ENGINE_THREADS)
 
     async def _api(self) -> Any:
         """The low-level docker-py client (one HTTP call per method, no hidden reloads)."""
@@ -228,12 +234,17 @@ class DockerDriver(Driver):
                     self._client = await asyncio.to_thread(self._make_client)
         return self._client.api
 
+    def _in_thread(self, fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
+        if self._threads is None:
+            self._threads = concurrent.futures.ThreadPoolExecutor(ENGINE_THREADS, thread_name_prefix="corral-docker")
+        return asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
     async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         def run() -> T:
             with _mapped(what):
                 return fn(*args, **kwargs)
 
-        return await asyncio.to_thread(run)
+        return await self._in_thread(run)
 
     def _url_host(self, host_ip: Optional[str] = None) -> str:
         # A box published on every interface is still reached through loopback.
@@ -642,7 +653,7 @@ class DockerDriver(Driver):
         if spec.workspace:
             with _mapped("preparing the workspace"):
                 try:
-                    await asyncio.to_thread(self._prepare_workspace, os.path.abspath(spec.workspace))
+                    await self._in_thread(self._prepare_workspace, os.path.abspath(spec.workspace))
                 except OSError as e:
                     raise DriverError(f"cannot prepare workspace {spec.workspace!r}: {e}") from None
         kw = self._run_kwargs(spec)
@@ -659,7 +670,7 @@ class DockerDriver(Driver):
             with _mapped(f"creating container {spec.name}"):
                 return api.create_container(host_config=hc, **kw)["Id"]
 
-        making = asyncio.ensure_future(asyncio.to_thread(make))
+        making = asyncio.ensure_future(self._in_thread(make))
         try:
             container_id = await asyncio.shield(making)
         except asyncio.CancelledError:
@@ -883,3 +894,6 @@ class DockerDriver(Driver):
         client, self._client = self._client, None
         if client is not None:
             await asyncio.to_thread(client.close)
+        threads, self._threads = self._threads, None
+        if threads is not None:
+            threads.shutdown(wait=False)

@@ -37,6 +37,11 @@ waiting. Before the systems, ``--cold-starts`` quiet rounds of one cold create
 to its first shell answer through corral (pool 0) next to a bare start to box
 ready (``cold_start``).
 
+With ``--start-limits 1,2,4,8`` it measures instead how the number of starts
+a node runs at once (``max_starting_per_node``) shapes the ``destroy`` system:
+one run per limit, cycles/s and start latency against starts in flight (the
+knee that ``corral.core.placement.default_start_limit`` is set from).
+
 Writes ``DIR/cycle.json`` and ``DIR/cycle.png`` and prints a table and the
 targets. Figures are measured and printed, never asserted.
 """
@@ -86,6 +91,7 @@ class CycleParams:
     cold_starts: int = 5  # quiet rounds of one cold start, corral and bare (0: none)
     reference_python: Optional[str] = None
     max_starting_per_node: Optional[int] = None  # None: corral's default (from the node's CPUs)
+    start_limits: tuple = ()  # a sweep of max_starting_per_node over the destroy system instead of the systems
     timeout: float = 120.0  # seconds an acquire may wait
     progress: bool = True
     namespace_prefix: str = "corral-cycle"
@@ -107,6 +113,8 @@ class CycleParams:
                 isinstance(self.max_starting_per_node, bool) or not isinstance(self.max_starting_per_node, int)
                 or self.max_starting_per_node < 1):
             raise InvalidRequest(f"max_starting_per_node must be an integer >= 1, got {self.max_starting_per_node!r}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.start_limits):
+            raise InvalidRequest(f"start_limits must be integers >= 1, got {list(self.start_limits)!r}")
         systems = tuple(self.systems) or tuple(s for s in SYSTEMS if s != "reference" or self.reference_python)
         unknown = [s for s in systems if s not in SYSTEMS]
         if unknown:
@@ -737,6 +745,8 @@ def run(p: CycleParams, out_dir: Optional[str] = None) -> dict:
     machine = machine_info()
     machine["background_busy_cpus"] = background = background_cpus()
     cold: Optional[dict] = None
+    if p.start_limits:
+        return _sweep(p, workdir, machine, background, out_dir)
     try:
         if p.cold_starts:
             try:
@@ -766,6 +776,73 @@ def run(p: CycleParams, out_dir: Optional[str] = None) -> dict:
             json.dump(result, f, indent=2)
         write_figure(result, os.path.join(out_dir, "cycle.png"))
     return result
+
+
+def _sweep(p: CycleParams, workdir: str, machine: dict, background: Optional[float], out_dir: Optional[str]) -> dict:
+    """The destroy system once per start limit: where more starts at once stop paying."""
+    rows = []
+    try:
+        for limit in p.start_limits:
+            if p.progress:
+                print(f"corral bench cycle: max_starting_per_node={limit} ...", file=sys.stderr, flush=True)
+            q = CycleParams(**{**asdict(p), "max_starting_per_node": limit, "start_limits": ()})
+            try:
+                r = _run_corral(q, False, workdir, background)
+            except Exception as e:
+                r = _failed(e)
+            st = r.get("status_under_load") or {}
+            rows.append({"max_starting_per_node": limit, "cycles_per_s": r["cycles_per_s"], "errors": r["errors"],
+                         "acquire_ms": r["acquire_ms"], "start_ms": r.get("start_ms"),
+                         "cpu_s_per_start": r.get("cpu_s_per_start"), "busy_cpus": r.get("busy_cpus"),
+                         "starts_in_flight_mean": (st.get("starts_in_flight") or {}).get("mean"),
+                         "failure": r.get("failure")})
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    params = {k: v for k, v in asdict(p).items() if k not in ("progress", "namespace_prefix")}
+    result = {"workload": "cycle", "sweep": rows, "machine": machine, "params": params}
+    if out_dir:
+        with open(os.path.join(out_dir, "cycle.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        write_sweep_figure(result, os.path.join(out_dir, "cycle.png"))
+    return result
+
+
+def sweep_table(result: dict) -> str:
+    from tabulate import tabulate
+
+    rows = [[r["max_starting_per_node"], r["starts_in_flight_mean"], r["cycles_per_s"],
+             (r["acquire_ms"] or {}).get("p50"), (r["acquire_ms"] or {}).get("p99"),
+             (r.get("start_ms") or {}).get("p50"), (r.get("start_ms") or {}).get("p99"), r["cpu_s_per_start"],
+             r["busy_cpus"], r["errors"]] for r in result["sweep"]]
+    return tabulate(rows, headers=["start limit", "in flight", "cycles/s", "acq p50", "acq p99", "start p50",
+                                   "start p99", "cpu s/start", "busy cpus", "errors"], tablefmt="github")
+
+
+def write_sweep_figure(result: dict, path: str) -> None:
+    """Cycles/s and start latency against the start limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["sweep"]
+    xs = [r["max_starting_per_node"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a.plot(xs, [r["cycles_per_s"] for r in rows], "o-", color="#2a9d8f")
+    a.set_xlabel("max_starting_per_node")
+    a.set_title("cycles / s (reuse=False)")
+    a.set_ylim(bottom=0)
+    b.plot(xs, [(r.get("start_ms") or {}).get("p50") or 0 for r in rows], "o-", label="start p50")
+    b.plot(xs, [(r["acquire_ms"] or {}).get("p50") or 0 for r in rows], "s-", label="acquire p50")
+    b.set_xlabel("max_starting_per_node")
+    b.set_title("latency, ms")
+    b.legend(fontsize=8)
+    pr, mc = result["params"], result["machine"]
+    fig.suptitle(f"start limit sweep: {pr['workers']} threads x {pr['duration']:g} s, pool {pr['pool_size']}, driver "
+                 f"{pr['driver']}  |  {mc['cpu_count']} CPU, {mc['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _failed(e: BaseException) -> dict:
@@ -898,6 +975,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="cycle workload: interpreter of a virtualenv with agentscope-runtime (adds system 'reference')")
     ap.add_argument("--max-starting-per-node", type=int,
                     help="cycle workload: corral's starts at once per node (default: from the node's CPUs)")
+    ap.add_argument("--start-limits",
+                    help="cycle workload: comma-separated max_starting_per_node values to sweep (reuse=False only)")
+
+
+def _ints(text: Optional[str], what: str) -> tuple:
+    from corral.errors import InvalidRequest
+
+    try:
+        return tuple(int(x) for x in (text or "").split(",") if x.strip())
+    except ValueError:
+        raise InvalidRequest(f"{what}: comma-separated integers, got {text!r}") from None
 
 
 def params_from_args(args: argparse.Namespace) -> CycleParams:
@@ -911,6 +999,7 @@ def params_from_args(args: argparse.Namespace) -> CycleParams:
         cold_starts=args.cold_starts,
         reference_python=args.reference_python,
         max_starting_per_node=args.max_starting_per_node,
+        start_limits=_ints(args.start_limits, "--start-limits"),
         progress=not args.no_progress,
         namespace_prefix=f"{getattr(args, 'namespace', None) or 'corral'}-cycle",
     ).validate()
@@ -943,10 +1032,13 @@ def run_cli(args: argparse.Namespace) -> int:
         if started:
             ray.shutdown()
     print()
-    print(table(result))
-    print()
-    for line in targets(result):
-        print(f"- {line}")
+    if "sweep" in result:
+        print(sweep_table(result))
+    else:
+        print(table(result))
+        print()
+        for line in targets(result):
+            print(f"- {line}")
     print(f"\nwrote {os.path.join(args.out, 'cycle.json')} and {os.path.join(args.out, 'cycle.png')} "
           f"in {time.perf_counter() - t0:.0f}s")
     return 0 if all(not d.get("failure") for d in result["systems"].values()) else 1
