@@ -208,15 +208,18 @@ def _loop(p: CycleParams, ops: Ops, s: Samples, label: str,
                     s.cycles += 1
 
     window: dict = {}
+    split = CpuSplit()
 
     def at_deadline() -> None:
         window["cpu_after"] = cpu_times()
         window["t_after"] = time.monotonic()
+        window["cpu_by_kind"] = split.stop()
         if on_deadline is not None:
             on_deadline()
 
     threads = [threading.Thread(target=worker, args=(w,), name=f"cycle-{w}", daemon=True) for w in range(p.workers)]
     window["cpu_before"] = cpu_times()
+    split.start()
     timer = threading.Timer(p.duration, at_deadline)
     timer.start()
     for t in threads:
@@ -227,7 +230,11 @@ def _loop(p: CycleParams, ops: Ops, s: Samples, label: str,
     timer.join()
     wall = window["t_after"] - start
     busy = _busy_seconds(window["cpu_before"], window["cpu_after"])
-    return {"wall_s": round(wall, 2), "busy_cpu_s": busy, "drain_s": round(time.monotonic() - deadline, 2)}
+    by_kind = window["cpu_by_kind"]
+    if busy is not None:
+        by_kind["unattributed"] = round(max(0.0, busy - sum(by_kind.values())), 2)
+    return {"wall_s": round(wall, 2), "busy_cpu_s": busy, "drain_s": round(time.monotonic() - deadline, 2),
+            "cpu_s_by_kind": by_kind}
 
 
 def _progress(p: CycleParams, label: str, s: Samples, deadline: float) -> None:
@@ -245,6 +252,83 @@ def _busy_seconds(before: Optional[tuple[int, int]], after: Optional[tuple[int, 
         return None
     hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     return round(((after[1] - before[1]) - (after[0] - before[0])) / hz, 2)
+
+
+class CpuSplit:
+    """Where the machine's CPU time goes while the loop runs, by kind of process.
+
+    Samples every process's CPU time from /proc every ``every`` seconds; a process counts with
+    the last time it was seen, so what processes that live shorter than a sample (iptables,
+    runc, a launcher) spend shows up as ``unattributed`` (the whole machine's busy time, from
+    /proc/stat, less the rest)."""
+
+    KINDS = ("sandboxes", "engine", "corral_actors", "ray", "bench", "other")
+
+    def __init__(self, every: float = 0.25) -> None:
+        self.every = every
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.first: dict[int, tuple[str, float]] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cycle-cpu", daemon=True)
+        self.me = os.getpid()
+
+    def start(self) -> "CpuSplit":
+        self._sample(self.first)
+        self.last = dict(self.first)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self._sample(self.last)
+        out = dict.fromkeys(self.KINDS, 0.0)
+        for pid, (kind, t) in self.last.items():
+            base = self.first.get(pid, (kind, 0.0))[1]
+            out[kind] += max(0.0, t - base)
+        return {k: round(v, 2) for k, v in out.items()}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample(self.last)
+
+    def _kind(self, pid: int, comm: str) -> str:
+        if pid == self.me:
+            return "bench"
+        if comm in ("dockerd", "containerd", "docker-proxy", "runc") or comm.startswith("containerd-shim"):
+            return "engine"
+        if comm.startswith(("ray::RegistryActor", "ray::PoolActor", "ray::SessionActor")):
+            return "corral_actors"
+        if comm in ("raylet", "gcs_server") or comm.startswith("ray::"):
+            return "ray"
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                if "/docker/" in f.read():
+                    return "sandboxes"
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            if b"corral.box" in cmd or b"kernel_main.py" in cmd:
+                return "sandboxes"
+        except OSError:
+            pass
+        return "other"
+
+    def _sample(self, into: dict) -> None:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            comm = raw[raw.index("(") + 1:raw.rindex(")")]
+            fields = raw[raw.rindex(")") + 2:].split()
+            t = (int(fields[11]) + int(fields[12])) / self.hz  # utime + stime
+            known = into.get(pid)
+            into[pid] = (known[0] if known else self._kind(pid, comm), t)
 
 
 def background_cpus(seconds: float = 3.0) -> Optional[float]:
@@ -271,6 +355,9 @@ def _result(p: CycleParams, s: Samples, window: dict, starts: Optional[int], bac
         "busy_cpus": None if busy is None else round(busy / wall, 2),
         "cpu_s_per_start": round(busy / starts, 3) if busy is not None and starts else None,
         "cpu_s_per_start_less_background": round(net / starts, 3) if net is not None and starts else None,
+        # the same per started sandbox, by kind of process (see CpuSplit)
+        "cpu_s_per_start_by_kind": {k: round(v / starts, 3) for k, v in window["cpu_s_by_kind"].items()}
+        if starts and window.get("cpu_s_by_kind") else None,
         **window,
     }
 
@@ -285,6 +372,8 @@ def _config(p: CycleParams, reuse: bool, pool: int, workdir: str, label: str):
     kw: dict = {}
     if p.max_starting_per_node is not None:
         kw["max_starting_per_node"] = p.max_starting_per_node
+    if p.driver == "process":  # the boxes' directories in this run's own place
+        kw["driver"] = {"type": "process", "root": os.path.join(root, "process")}
     return SandboxManagerEnvConfig(
         namespace=f"{p.namespace_prefix}-{label}-{uuid.uuid4().hex[:6]}",
         container_deployment=p.driver,
@@ -320,11 +409,14 @@ def _wait_warm(m, p: CycleParams, n: int) -> float:
 
 
 class StatusProbe:
-    """Samples the registry's ``status()`` every second under load and checks its queue figures."""
+    """Samples the registry's ``status()`` every second under load and checks its queue figures,
+    and counts the sandboxes the driver holds (released ones not yet removed are the removal
+    backlog)."""
 
     def __init__(self, m, s: Samples) -> None:
         self.m, self.s = m, s
         self.rows: list[dict] = []
+        self._count = _sandbox_counter(m)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cycle-status", daemon=True)
 
@@ -348,7 +440,12 @@ class StatusProbe:
             with self.s.lock:
                 after = self.s.in_acquire
             pool = st["pools"]["base"]
+            try:
+                held = self._count()
+            except Exception:
+                held = None
             self.rows.append({
+                "held_by_driver": held, "active": st["active"],
                 # waiting_for_warm is per sandbox type
                 "starts_in_flight": st["starts_in_flight"], "waiting_for_warm": sum(st["waiting_for_warm"].values()),
                 "pool_waiting": pool["waiting"],
@@ -366,10 +463,14 @@ class StatusProbe:
             xs = [r[key] for r in rows]
             return {"mean": round(statistics.mean(xs), 2), "max": max(xs)}
 
+        backlog = [r["held_by_driver"] - r["active"] for r in rows if r["held_by_driver"] is not None]
         return {
             "samples": len(rows),
             "errors": len(self.rows) - len(rows),
             "start_limit": rows[-1]["start_limit"],
+            # sandboxes the driver still holds beyond the registry's active ones: released, not yet removed
+            "removal_backlog": {"mean": round(statistics.mean(backlog), 2), "max": max(backlog),
+                                "last": backlog[-1]} if backlog else None,
             "starts_in_flight": stat("starts_in_flight"),
             "waiting_for_warm": stat("waiting_for_warm"),
             "waiting_for_slot": stat("waiting_for_slot"),
@@ -382,6 +483,21 @@ class StatusProbe:
             / len(rows),
             "check_waiting_is_pools": sum(r["waiting_for_warm"] == r["pool_waiting"] for r in rows) / len(rows),
         }
+
+
+def _sandbox_counter(m) -> Callable[[], int]:
+    """A function counting the sandboxes of the manager's namespace that its driver holds now."""
+    cfg = m.config
+    if cfg.container_deployment == "docker":
+        import docker
+
+        from corral.models import LABEL_REGISTRY
+
+        client = docker.from_env()
+        label = f"{LABEL_REGISTRY}={cfg.namespace}"
+        return lambda: len(client.api.containers(all=True, filters={"label": label}, trunc=True))
+    root = os.path.abspath(cfg.driver_config().root)
+    return lambda: len(glob.glob(os.path.join(root, "*", "*", "meta.json")))
 
 
 def _started_total(m) -> int:
@@ -902,7 +1018,8 @@ def targets(result: dict) -> list[str]:
                        f"{st['starts_in_flight']['mean']} max {st['starts_in_flight']['max']} (limit "
                        f"{st['start_limit']}), waiting_for_warm mean {st['waiting_for_warm']['mean']} max "
                        f"{st['waiting_for_warm']['max']} (callers in acquire max {st['callers_in_acquire']['max']}), "
-                       f"waiting_for_slot max {st['waiting_for_slot']['max']}; checks in_flight==STARTING "
+                       f"waiting_for_slot max {st['waiting_for_slot']['max']}; removal backlog "
+                       f"{st.get('removal_backlog')}; checks in_flight==STARTING "
                        f"{st['check_in_flight_is_starting']:.0%}, within limit {st['check_in_flight_within_limit']:.0%}"
                        f", waiters <= callers {st['check_waiting_within_callers']:.0%}")
     if r and not r.get("failure"):
