@@ -1137,7 +1137,8 @@ def run_cli(args: argparse.Namespace) -> int:
     started = False
     if not ray.is_initialized():
         address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-        kw = {"num_cpus": 4, "include_dashboard": False} if address == "local" else {}
+        # the machine's own CPU count: corral's default start limit is read from the node's CPUs
+        kw = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False} if address == "local" else {}
         ray.init(address=address, log_to_driver=False, **kw)
         started = True
     try:
