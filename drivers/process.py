@@ -67,7 +67,9 @@ _LAUNCH_GRACE = 5.0  # seconds remove() waits for an in-flight launch to record 
 # The box inherits the launcher's stdin: the pipe the driver writes the token to.
 # The launcher runs without site packages or user settings (-S -I: ~9 ms of CPU, against ~32 ms
 # for an interpreter that loads its site and imports subprocess): it forks, and the child sets
-# its group and priority and becomes the box.
+# its group and priority, closes every descriptor but 0-2 (the launcher may have inherited a
+# Ray worker's log files and sockets, and a box holding the launcher's stdout would keep the
+# driver waiting for its end) and becomes the box.
 _LAUNCHER = (
     "import os, sys\n"
     "nice, policy, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]\n"
@@ -82,6 +84,7 @@ _LAUNCHER = (
     "            except (AttributeError, OSError):\n"
     "                pass  # no SCHED_IDLE here (a sandboxed kernel): the niceness still ranks it\n"
     "        os.dup2(2, 1)\n"
+    "        os.closerange(3, os.sysconf('SC_OPEN_MAX'))\n"
     "        os.execvp(argv[0], argv)\n"
     "    except BaseException as e:\n"
     "        os.write(2, f'cannot start {argv[0]}: {e}\\n'.encode())\n"
@@ -286,7 +289,8 @@ class ProcessDriver(Driver):
                 except httpx.HTTPError:
                     pass
             if self._proc(meta) is None:
-                break
+                # a box that cannot run (a broken interpreter, no kernel possible) exits and says why in its log
+                raise DriverError(f"box {name} exited before it was ready; log:\n{self._log_tail(name)}")
             self._check_not_removed(meta)
             await asyncio.sleep(_READY_POLL)
         await self._kill(meta)

@@ -380,6 +380,7 @@ def _config(p: CycleParams, reuse: bool, pool: int, workdir: str, label: str):
         pool_size=pool,
         spare_sessions=p.workers,
         state_dir=os.path.join(root, "state"),
+        default_mount_dir=os.path.join(root, "mounts"),  # a workspace per sandbox, as the reference makes
         acquire_timeout=p.timeout,
         sandbox_types={"base": SandboxTypeConfig(name="base", image=p.image, reuse=reuse)},
         **kw,
