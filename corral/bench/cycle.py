@@ -1160,4 +1160,5 @@ def run_cli(args: argparse.Namespace) -> int:
             print(f"- {line}")
     print(f"\nwrote {os.path.join(args.out, 'cycle.json')} and {os.path.join(args.out, 'cycle.png')} "
           f"in {time.perf_counter() - t0:.0f}s")
-    return 0 if all(not d.get("failure") for d in result["systems"].values()) else 1
+    rows = result["sweep"] if "sweep" in result else result["systems"].values()
+    return 0 if all(not d.get("failure") for d in rows) else 1
