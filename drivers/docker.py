@@ -45,8 +45,8 @@ How a container is made (:meth:`DockerDriver.create`):
   once a Python kernel can run in it). The driver reads that line (a box
   that exits instead ends the stream at once), then checks ``GET
   /v1/healthz`` with the token once. Polling the health route every 20 ms
-  through the engine's port proxy cost CPU on every start, the more the
-  slower the node; the route is still polled, every 0.5 s, next to the
+  through the engine's port proxy would cost CPU on every start, the more
+  the slower the node; the route is polled only every 0.5 s next to the
   line, for images whose box prints none. Up to ``spec.ready_timeout``. On
   any failure (or cancellation) the container is removed and
   :class:`corral.DriverError` carries its last log lines.

@@ -105,7 +105,8 @@ async def _wait_exited(procs: list[psutil.Process], timeout: float) -> list[psut
 
     A zombie has exited: the box is not this process's child (the launcher detached it), so
     only its new parent reaps it, whenever that parent gets to it; waiting for the reaping
-    (as psutil.wait_procs does for another's child) made every removal last its whole timeout."""
+    (as psutil.wait_procs does for another's child) would make every removal last its whole
+    timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     pause = 0.002
