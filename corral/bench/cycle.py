@@ -354,6 +354,7 @@ def _result(p: CycleParams, s: Samples, window: dict, starts: Optional[int], bac
         "starts": starts,
         "busy_cpus": None if busy is None else round(busy / wall, 2),
         "cpu_s_per_start": round(busy / starts, 3) if busy is not None and starts else None,
+        "cpu_s_per_cycle": round(busy / s.cycles, 3) if busy is not None and s.cycles else None,
         "cpu_s_per_start_less_background": round(net / starts, 3) if net is not None and starts else None,
         # the same per started sandbox, by kind of process (see CpuSplit)
         "cpu_s_per_start_by_kind": {k: round(v / starts, 3) for k, v in window["cpu_s_by_kind"].items()}
