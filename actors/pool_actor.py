@@ -28,7 +28,7 @@ import ray
 from corral.client._http import tls_context
 from corral.core.stats import LatencyWindow
 from corral.drivers import ContainerSpec, make_driver
-from corral.errors import CorralError, DriverError, InvalidRequest, SandboxError
+from corral.errors import CorralError, InvalidRequest, SandboxError
 from corral.models import LABEL_MANAGED, LABEL_NODE, LABEL_OWNER, LABEL_REGISTRY, ContainerModel, SandboxManagerEnvConfig
 
 from .common import CONTROL_NICE, Ticker, fire, set_priority
@@ -37,8 +37,6 @@ from .metrics import pool_metrics
 __all__ = ["PoolActor"]
 
 logger = logging.getLogger("corral.pool")
-#: Seconds a new sandbox's kernel may take to run its first cell.
-WARM_UP_TIMEOUT = 60.0
 #: Seconds a finished start's outcome is kept for a registry that restarted meanwhile.
 KEEP_RESULTS = 120.0
 #: Removals at once: a removal competes with starts for the engine and the CPU; it is never urgent.
@@ -157,12 +155,10 @@ class PoolActor:
                     await self.storage.download_folder_async(rec.storage_path, workspace,
                                                              expect=download == "expected")
             spec = ContainerSpec(**{**item["spec"], "name": name, "token": rec.runtime_token, "workspace": workspace})
+            # Warm as soon as its box answers: the box answers only once a kernel can run in it (its
+            # fork server is up), so a broken image or environment fails here. No kernel boots: the
+            # first cell starts one, and a session that runs only shell commands never pays for it.
             handle = await self.driver.create(spec)
-            try:
-                await self._warm_up(handle.url, rec.runtime_token)
-            except BaseException:
-                await asyncio.shield(self.driver.remove(handle.container_id))
-                raise
         except Exception as e:
             self.counters["start_failed"] += 1
             logger.warning("start of %s on %s failed: %s", name, self.node[:8], e)
@@ -173,16 +169,6 @@ class PoolActor:
         self.counters["started"] += 1
         return {"name": name, "ok": True, "container_id": handle.container_id, "url": handle.url,
                 "ports": list(handle.ports)}
-
-    async def _warm_up(self, url: Optional[str], token: str) -> None:
-        """A new sandbox is warm once its kernel has run a cell: a first start (an interpreter and
-        its imports) is where a broken image or environment shows."""
-        from corral.client import AsyncBoxClient
-
-        async with AsyncBoxClient(url, token, http_client=self._client()) as box:
-            r = await box.python("None", timeout=WARM_UP_TIMEOUT)
-        if r.status != "ok":
-            raise DriverError(f"the sandbox's Python kernel did not start: {r.status} {r.stderr[-300:]}")
 
     async def in_flight(self) -> list[str]:
         """Names of the starts under way, and of those finished in the last minutes."""

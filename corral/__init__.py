@@ -1,16 +1,22 @@
 """corral: sandboxes for AI agents and RL training, run by Ray actors.
 
-``import corral`` is light (no Ray): the manager, the clients and the handles
-load on first use, so the box inside a container never imports Ray.
+``import corral`` is light (no Ray, no pydantic): the models, the manager, the
+clients and the handles load on first use, so the box inside a container
+imports none of them.
 """
 
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
-from .models import ContainerModel, ContainerState, SandboxManagerEnvConfig, SandboxTypeConfig
 
 __version__ = "0.1.0"
 
+# The box (in every sandbox) imports corral.errors, and so this module, while it starts: the
+# pydantic models and everything else load on first use, not in each sandbox's start.
 _LAZY = {
+    "ContainerModel": "corral.models",
+    "ContainerState": "corral.models",
+    "SandboxManagerEnvConfig": "corral.models",
+    "SandboxTypeConfig": "corral.models",
     "SandboxManager": "corral.manager",
     "Sandbox": "corral.manager",
     "AsyncSandbox": "corral.manager",

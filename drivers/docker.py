@@ -5,8 +5,10 @@ carries the label ``corral.managed=true``; :meth:`DockerDriver.list` never
 reports any other container, so a reconciler that removes "what it does not
 know" cannot touch a user's unrelated containers). It keeps no records.
 
-Every docker-py call is blocking, so each runs through :func:`asyncio.to_thread`
-and the caller's event loop never waits on the engine. Docker's errors become
+Every docker-py call is blocking, so each runs in a thread of the driver's own
+pool (:data:`ENGINE_THREADS` threads and as many engine connections: asyncio's
+default pool has cpu_count + 4 threads, for which starts in flight and removals
+would queue) and the caller's event loop never waits on the engine. Docker's errors become
 corral's in one place, :func:`_mapped`.
 
 How a container is made (:meth:`DockerDriver.create`):
@@ -37,9 +39,17 @@ How a container is made (:meth:`DockerDriver.create`):
   line; the box reads it (``CORRAL_TOKEN_FILE=-``) and the engine closes that
   stdin when the driver detaches. A caller's ``SECRET_TOKEN`` or
   ``CORRAL_TOKEN_FILE`` in ``spec.environment`` is dropped;
-- ready when ``GET /v1/healthz`` answers 200 to the token, polled every 20 ms
-  up to ``spec.ready_timeout``. On any failure (or cancellation) the container
-  is removed and :class:`corral.DriverError` carries its last log lines.
+- ready when its box says so: the driver attaches to the container's output
+  as well as its stdin before starting it, and the box, started with
+  ``CORRAL_READY_FILE=-``, prints one ready line once it listens (and only
+  once a Python kernel can run in it). The driver reads that line (a box
+  that exits instead ends the stream at once), then checks ``GET
+  /v1/healthz`` with the token once. Polling the health route every 20 ms
+  through the engine's port proxy would cost CPU on every start, the more
+  the slower the node; the route is polled only every 0.5 s next to the
+  line, for images whose box prints none. Up to ``spec.ready_timeout``. On
+  any failure (or cancellation) the container is removed and
+  :class:`corral.DriverError` carries its last log lines.
 
 Network (docs/security.md): every sandbox joins ``config.network_name``, a
 bridge network the driver creates on first use (``config.subnet``,
@@ -64,6 +74,7 @@ None and its ``status`` is ``"missing"``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import json
@@ -99,7 +110,15 @@ _TOKEN_ENV = ("SECRET_TOKEN", "CORRAL_TOKEN_FILE")
 T = TypeVar("T")
 
 _PORT_KEY = f"{BOX_PORT}/tcp"
+#: Threads for blocking engine calls: more than the starts and removals a node runs at once.
+ENGINE_THREADS = 32
 _READY_POLL = 0.02
+#: How often the health route is polled while the driver waits for the box's ready line.
+_READY_POLL_SLOW = 0.5
+#: The start of the line the box prints on stdout once it listens (corral.box.__main__.READY_MARK).
+_READY_MARK = b"corral-box-ready"
+#: Output kept from a box that ends before its ready line (for the error).
+_OUTPUT_KEPT = 4096
 #: How often, while waiting for the box, the driver asks the engine whether
 #: the container is still running (a crashed box fails fast, not at timeout).
 _ALIVE_CHECK = 0.5
@@ -195,6 +214,7 @@ class DockerDriver(Driver):
             self._firewall = Firewall(cfg.network_name, cfg.subnet, cfg.blocked_cidrs, dns, self._node_lock)
         self._network_ready = False
         self._network_lock = asyncio.Lock()
+        self._threads: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     # -- plumbing ------------------------------------------------------------
 
@@ -203,8 +223,8 @@ class DockerDriver(Driver):
 
         with _mapped("connecting to the Docker engine"):
             if self.config.base_url:
-                return docker.DockerClient(base_url=self.config.base_url)
-            return docker.from_env()
+                return docker.DockerClient(base_url=self.config.base_url, max_pool_size=ENGINE_THREADS)
+            return docker.from_env(max_pool_size=ENGINE_THREADS)
 
     async def _api(self) -> Any:
         """The low-level docker-py client (one HTTP call per method, no hidden reloads)."""
@@ -214,12 +234,17 @@ class DockerDriver(Driver):
                     self._client = await asyncio.to_thread(self._make_client)
         return self._client.api
 
+    def _in_thread(self, fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
+        if self._threads is None:
+            self._threads = concurrent.futures.ThreadPoolExecutor(ENGINE_THREADS, thread_name_prefix="corral-docker")
+        return asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
     async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         def run() -> T:
             with _mapped(what):
                 return fn(*args, **kwargs)
 
-        return await asyncio.to_thread(run)
+        return await self._in_thread(run)
 
     def _url_host(self, host_ip: Optional[str] = None) -> str:
         # A box published on every interface is still reached through loopback.
@@ -310,7 +335,8 @@ class DockerDriver(Driver):
         env = {k: v for k, v in spec.environment.items() if k not in _TOKEN_ENV}
         # The token comes on stdin ("-"), written by the driver at start: not in any environment.
         # CORRAL_BOX_CONTAINER: the box owns this PID namespace and /tmp, so its reset may clear both.
-        env.update(CORRAL_TOKEN_FILE="-", CORRAL_BOX_CONTAINER="1")
+        # CORRAL_READY_FILE=-: the box prints its ready line on stdout, which the driver reads.
+        env.update(CORRAL_TOKEN_FILE="-", CORRAL_BOX_CONTAINER="1", CORRAL_READY_FILE="-")
         host_config: dict[str, Any] = dict(
             port_bindings={BOX_PORT: (spec.host or cfg.host_ip, None)},
             binds=volumes,
@@ -552,6 +578,71 @@ class DockerDriver(Driver):
         finally:
             sock.close()
 
+    @staticmethod
+    def _start_attached(api: Any, container_id: str, token: str) -> Optional[socket.socket]:
+        """Start the container attached to its stdin and output, and write the token to its stdin.
+
+        Blocking (docker-py): runs in a thread. Returns the attached socket, from
+        which :meth:`_read_ready_line` reads the box's output; None when the
+        engine's connection is no plain socket (TLS, SSH: the caller polls
+        instead). The stdin half is shut at once: the engine closes the
+        container's stdin.
+        """
+        sock = api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        raw = getattr(sock, "_sock", sock)
+        plain = type(raw) is socket.socket
+        try:
+            api.start(container_id)
+            raw.sendall(token.encode("ascii") + b"\n")
+            if plain:
+                with contextlib.suppress(OSError):
+                    raw.shutdown(socket.SHUT_WR)
+        except BaseException:
+            sock.close()
+            raise
+        if not plain:
+            sock.close()
+            return None
+        return raw
+
+    @staticmethod
+    async def _read_ready_line(raw: socket.socket, timeout: float) -> tuple[bool, str]:
+        """Read the container's multiplexed output until the box's ready line (on the event loop:
+        no thread waits out a boot). Returns (True, "") on the line, or (False, what the box
+        printed) when its output ends first (the box exited) or ``timeout`` passes. Closes the
+        socket either way."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        buf = line = b""
+        seen = bytearray()
+        try:
+            raw.setblocking(False)
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(loop.sock_recv(raw, 65536), max(0.0, deadline - loop.time()))
+                except (asyncio.TimeoutError, OSError):
+                    chunk = b""
+                if not chunk:
+                    return False, seen.decode("utf-8", "replace")
+                buf += chunk
+                # frames: 1 byte stream (1 stdout, 2 stderr), 3 zero bytes, 4 bytes big-endian length, payload
+                while len(buf) >= 8:
+                    size = int.from_bytes(buf[4:8], "big")
+                    if len(buf) < 8 + size:
+                        break
+                    stream, payload, buf = buf[0], buf[8:8 + size], buf[8 + size:]
+                    seen.extend(payload)
+                    del seen[:-_OUTPUT_KEPT]
+                    if stream != 1:
+                        continue
+                    line += payload
+                    while b"\n" in line:
+                        first, line = line.split(b"\n", 1)
+                        if first.startswith(_READY_MARK):
+                            return True, ""
+        finally:
+            raw.close()
+
     # -- create --------------------------------------------------------------
 
     async def create(self, spec: ContainerSpec) -> ContainerHandle:
@@ -562,7 +653,7 @@ class DockerDriver(Driver):
         if spec.workspace:
             with _mapped("preparing the workspace"):
                 try:
-                    await asyncio.to_thread(self._prepare_workspace, os.path.abspath(spec.workspace))
+                    await self._in_thread(self._prepare_workspace, os.path.abspath(spec.workspace))
                 except OSError as e:
                     raise DriverError(f"cannot prepare workspace {spec.workspace!r}: {e}") from None
         kw = self._run_kwargs(spec)
@@ -579,15 +670,19 @@ class DockerDriver(Driver):
             with _mapped(f"creating container {spec.name}"):
                 return api.create_container(host_config=hc, **kw)["Id"]
 
-        making = asyncio.ensure_future(asyncio.to_thread(make))
+        making = asyncio.ensure_future(self._in_thread(make))
         try:
             container_id = await asyncio.shield(making)
         except asyncio.CancelledError:
             # The engine goes on creating it in the thread: wait for that, then remove it.
             await asyncio.shield(self._discard(making))
             raise
+        reading: Optional[asyncio.Future] = None
         try:
-            await self._call(f"starting container {spec.name}", self._start_with_token, api, container_id, spec.token)
+            raw = await self._call(f"starting container {spec.name}", self._start_attached, api, container_id,
+                                   spec.token)
+            if raw is not None:  # the box boots meanwhile: its ready line is read in a thread of its own
+                reading = asyncio.ensure_future(self._read_ready_line(raw, spec.ready_timeout))
             info = await self._call(f"inspecting container {spec.name}", api.inspect_container, container_id)
             handle = self._handle_from_inspect(info)
             if handle.url is None:
@@ -598,8 +693,14 @@ class DockerDriver(Driver):
                     f"(status {st.get('Status')}, exit code {st.get('ExitCode')})"
                 )
             await self._admit(container_id, info, spec.network, allowed)
-            await self._wait_ready(container_id, spec.name, handle.url, spec.token, spec.ready_timeout)
+            if reading is None:
+                await self._wait_ready(container_id, spec.name, handle.url, spec.token, spec.ready_timeout)
+            else:
+                await self._wait_ready_line(reading, container_id, spec.name, handle.url, spec.token,
+                                            spec.ready_timeout)
         except BaseException as e:
+            if reading is not None and not reading.done():
+                reading.cancel()  # its socket closes
             cancelled = not isinstance(e, Exception)
             logs = "" if cancelled else await asyncio.shield(self._logs(container_id))
             # Shielded: a cancelled create must still leave nothing behind.
@@ -619,8 +720,37 @@ class DockerDriver(Driver):
             return  # it was never made
         await self.remove(container_id)
 
-    async def _wait_ready(self, container_id: str, name: str, url: str, token: Optional[str], timeout: float) -> None:
-        """Poll the health route until it answers; with no token, any HTTP answer (401) counts."""
+    async def _wait_ready_line(self, reading: asyncio.Future, container_id: str, name: str, url: str, token: str,
+                               timeout: float) -> None:
+        """Wait for the box's ready line (read by ``reading``), then check its health route once.
+        The route is also polled slowly meanwhile, for a box that prints no line (an older image)."""
+        polling = asyncio.ensure_future(self._wait_ready(container_id, name, url, token, timeout, _READY_POLL_SLOW))
+        try:
+            done, _ = await asyncio.wait([reading, polling], return_when=asyncio.FIRST_COMPLETED)
+            if polling in done:
+                polling.result()  # ready (or its error)
+                return
+            ok, output = reading.result()
+            if not ok:
+                api = await self._api()
+                info = await self._call("inspecting container", api.inspect_container, container_id)
+                state = info.get("State") or {}
+                if state.get("Status") in ("running", "created", "restarting"):
+                    raise DriverError(f"box in {name} did not say it was ready within {timeout:g}s")
+                tail = output.strip()[-1500:] or "(no output)"
+                raise DriverError(f"container {name} {state.get('Status')} (exit code {state.get('ExitCode')}) "
+                                  f"before its box was ready; its output:\n{tail}")
+        finally:
+            for task in (polling, reading):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(polling, reading, return_exceptions=True)
+        # The line says the box listens: confirm through the published port, with the token.
+        await self._wait_ready(container_id, name, url, token, timeout)
+
+    async def _wait_ready(self, container_id: str, name: str, url: str, token: Optional[str], timeout: float,
+                          every: float = _READY_POLL) -> None:
+        """Poll the health route every ``every`` s until it answers; with no token, any HTTP answer (401) counts."""
         api = await self._api()
         deadline = time.monotonic() + timeout
         next_alive_check = time.monotonic() + _ALIVE_CHECK
@@ -647,7 +777,7 @@ class DockerDriver(Driver):
                         raise DriverError(
                             f"container {name} is {state.get('Status')} (exit code {state.get('ExitCode')})"
                         )
-                await asyncio.sleep(_READY_POLL)
+                await asyncio.sleep(every)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -764,3 +894,6 @@ class DockerDriver(Driver):
         client, self._client = self._client, None
         if client is not None:
             await asyncio.to_thread(client.close)
+        threads, self._threads = self._threads, None
+        if threads is not None:
+            threads.shutdown(wait=False)

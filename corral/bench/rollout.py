@@ -736,6 +736,11 @@ def run(p: BenchParams, out_dir: Optional[str] = None) -> dict:
 
 
 def add_arguments(ap: argparse.ArgumentParser, driver: bool = True) -> None:
+    from corral.bench import cycle
+
+    ap.add_argument("--workload", choices=["rollout", "cycle"], default="rollout",
+                    help="rollout: RL-shaped episodes (this module); cycle: create_from_pool / one shell call / "
+                         "release in a loop from W threads, the cold path (corral.bench.cycle)")
     ap.add_argument("--quick", action="store_true",
                     help=f"a short run (W={QUICK['workers']} E={QUICK['episodes']} K={QUICK['calls']}), about a minute")
     ap.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png (default: bench-out)")
@@ -752,6 +757,7 @@ def add_arguments(ap: argparse.ArgumentParser, driver: bool = True) -> None:
     if driver:
         ap.add_argument("--driver", dest="bench_driver", choices=["process", "docker"],
                         help="container_deployment (default: process)")
+    cycle.add_arguments(ap)
 
 
 def params_from_args(args: argparse.Namespace) -> BenchParams:
@@ -779,6 +785,10 @@ def run_cli(args: argparse.Namespace) -> int:
 
     from corral.errors import InvalidRequest
 
+    if getattr(args, "workload", "rollout") == "cycle":
+        from corral.bench import cycle
+
+        return cycle.run_cli(args)
     if importlib.util.find_spec("matplotlib") is None:  # before minutes of work, not after
         raise InvalidRequest("corral bench draws its figure with matplotlib, which is not installed: "
                              "pip install 'corral[notebooks]' (or matplotlib)")

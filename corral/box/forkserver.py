@@ -1,13 +1,18 @@
 """Kernel processes for the box: the kernel fork server, and a handle on each process the box starts.
 
 :class:`ForkServer` owns the fork server process (``kernel_main.py
---fork-server``, a "zygote" that imported ipykernel and the rest of a kernel's
-boot imports once) and the unix socket the box asks it over. It starts the
-zygote on first use, starts a new one when the last died (a container reset
+--fork-server``, a "zygote" that imports ipykernel and the rest of a kernel's
+boot imports once, when the first kernel is asked for) and the unix socket the
+box asks it over. The box starts it while it starts itself (:meth:`ForkServer.spawn`,
+then :meth:`ForkServer.start` waits for its ready line): a sandbox whose
+interpreter or packages cannot run a kernel fails to start, instead of failing
+its first cell. It starts a new zygote when the last died (a container reset
 that killed it, an OOM kill) or when a kernel needs other interpreter startup
 variables than the zygote was started with (``PYTHONPATH``, ``LANG``...), and
-kills it on close. A zygote that fails to start disables the fork server: the
-box then spawns its kernels as before.
+kills it on close. A zygote that runs but finds it cannot serve kernels (a
+package missing, an import failing) says why (:class:`KernelEnvironmentError`);
+one that fails to start at all disables the fork server, and the box then
+spawns its kernels.
 
 :class:`ProcessHandle` owns one process the box started: a kernel, forked
 by the zygote or spawned by the box, or the zygote itself. It signals the
@@ -32,7 +37,7 @@ from typing import Optional
 
 from .groups import own_group
 
-__all__ = ["ForkServer", "ForkServerError", "ProcessHandle", "KERNEL_MAIN"]
+__all__ = ["ForkServer", "ForkServerError", "KernelEnvironmentError", "ProcessHandle", "KERNEL_MAIN"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,10 @@ _EXIT_TIMEOUT = 5.0
 
 class ForkServerError(Exception):
     """The fork server could not fork a kernel (the caller spawns one instead)."""
+
+
+class KernelEnvironmentError(ForkServerError):
+    """This interpreter and environment cannot run a kernel at all (a spawned one would fail alike)."""
 
 
 def _startup_vars(env: dict[str, str]) -> dict[str, str]:
@@ -148,10 +157,11 @@ class ProcessHandle:
 
 
 class ForkServer:
-    """The box's kernel fork server (zygote): started on demand, replaced when dead, killed on close."""
+    """The box's kernel fork server (zygote): started with the box, replaced when dead, killed on close."""
 
     def __init__(self) -> None:
         self._proc: Optional[subprocess.Popen] = None
+        self._sock: Optional[socket.socket] = None  # the box's end, until the zygote's ready line is read
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._startup: dict[str, str] = {}
@@ -164,27 +174,50 @@ class ForkServer:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
+    def spawn(self, env: dict[str, str], cwd: str) -> None:
+        """Start a zygote now, without waiting for it (no event loop needed): its interpreter
+        starts while the box goes on starting itself; :meth:`start` waits for it."""
+        if self._proc is None:
+            self._spawn(env, cwd)
+
+    async def start(self, env: dict[str, str], cwd: str, timeout: float) -> None:
+        """Have a zygote up for ``env``; raises :class:`ForkServerError` (or its subclass
+        :class:`KernelEnvironmentError`, with the zygote's reason) when none comes up."""
+        async with self._lock:
+            await self._ensure(env, cwd, timeout)
+
     async def fork(self, argv: list[str], env: dict[str, str], cwd: str, timeout: float) -> int:
         """Fork a kernel running ``argv`` in ``cwd`` with ``env``; returns its pid or raises ForkServerError."""
         async with self._lock:
-            if self.pid() is None or _startup_vars(env) != self._startup:
-                await self._replace(env, cwd, timeout)
+            await self._ensure(env, cwd, timeout)
             # The kernel's parent is the zygote: ipykernel exits when it does (and the zygote when the box does).
             request = {"argv": argv, "env": {**env, "JPY_PARENT_PID": str(self._proc.pid)}, "cwd": cwd}
             try:
                 self._writer.write(json.dumps(request).encode() + b"\n")
                 await self._writer.drain()
+                # The first request waits for the zygote's imports too.
                 reply = json.loads(await asyncio.wait_for(self._reader.readline(), timeout) or b"{}")
             except (OSError, ValueError, asyncio.TimeoutError) as exc:
                 await self._stop()
                 raise ForkServerError(f"no answer from the fork server: {exc!r}") from exc
             if "pid" not in reply:
                 await self._stop()
-                raise ForkServerError(reply.get("error", "the fork server exited"))
+                error = reply.get("error")
+                if error and error.startswith("importing"):
+                    raise KernelEnvironmentError(error)
+                raise ForkServerError(error or "the fork server exited")
             return int(reply["pid"])
 
-    async def _replace(self, env: dict[str, str], cwd: str, timeout: float) -> None:
-        await self._stop()
+    async def _ensure(self, env: dict[str, str], cwd: str, timeout: float) -> None:
+        same = _startup_vars(env) == self._startup
+        if self._sock is not None and same and self._proc is not None:
+            await self._await_ready(timeout)  # spawned with the box, not heard from yet
+        elif self.pid() is None or not same or self._sock is not None:
+            await self._stop()
+            self._spawn(env, cwd)
+            await self._await_ready(timeout)
+
+    def _spawn(self, env: dict[str, str], cwd: str) -> None:
         box_end, server_end = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
@@ -198,25 +231,37 @@ class ForkServer:
         except OSError as exc:
             box_end.close()
             self.disabled = True
-            raise ForkServerError(f"cannot start the fork server: {exc}") from exc
+            raise ForkServerError(f"cannot start the fork server ({sys.executable}): {exc}") from exc
         finally:
             server_end.close()
         self._startup = _startup_vars(env)
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=box_end)
+        self._sock = box_end
+
+    async def _await_ready(self, timeout: float) -> None:
+        sock, self._sock = self._sock, None
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=sock)
         try:
             ready = json.loads(await asyncio.wait_for(self._reader.readline(), timeout) or b"{}")
         except (OSError, ValueError, asyncio.TimeoutError) as exc:
-            ready = {"error": repr(exc)}
-        if not ready.get("ready"):
-            await self._stop()
-            self.disabled = True
-            raise ForkServerError(f"the fork server did not start: {ready.get('error', 'it exited')}")
+            ready = {"error": f"no ready line within {timeout:g}s ({exc!r})"}
+        if ready.get("ready"):
+            return
+        proc = self._proc
+        await self._stop()
+        if ready.get("error"):  # the zygote ran and said why: a spawned kernel would fail alike
+            raise KernelEnvironmentError(f"the kernel fork server did not start: {ready['error']}")
+        self.disabled = True
+        code = proc.poll() if proc is not None else None
+        raise ForkServerError(f"the kernel fork server did not start: {sys.executable} exited with code {code} "
+                              "before it was ready (its error is in the box's log)")
 
     async def _stop(self) -> None:
-        proc, writer = self._proc, self._writer
-        self._proc = self._reader = self._writer = None
+        proc, writer, sock = self._proc, self._writer, self._sock
+        self._proc = self._reader = self._writer = self._sock = None
         if writer is not None:
             writer.close()  # end of file: the zygote kills the kernels it forked, then exits
+        if sock is not None:
+            sock.close()
         if proc is None:
             return
         handle = ProcessHandle(proc.pid, proc)

@@ -6,6 +6,16 @@ state dir, and the client channels. Cells run one at a time under a lock, so
 their outputs never mix. A cell that outlives its timeout is interrupted; a
 kernel that dies during a cell is restarted and the cell answers ``died``.
 
+Lazy: no kernel runs until the first cell asks for one (shell, file and MCP
+calls never wait for it). What the box checks while it starts is that a kernel
+can run at all: :meth:`Kernel.prepare` has the fork server up (its interpreter
+started with the kernel's environment and found the kernel's packages), so a
+broken image or environment fails the sandbox's start, not its first cell.
+The first cell then costs the fork server's imports (~0.25 s of CPU, once)
+and a fork. A sandbox whose sessions only run shell commands never pays for a
+kernel, and a reset starts a new kernel in the background only when the
+session before it had one.
+
 Restarts: a kernel is forked from the box's kernel fork server (see
 kernel_main.py), which imported ipykernel once, so a restart costs the
 kernel app's setup, not an interpreter start and its imports; if the fork
@@ -13,6 +23,8 @@ server cannot serve, the kernel is spawned as its own process. Either way it
 is a new process on ``kernel_main.py``: nothing of the old kernel survives.
 The box manages the process itself (no KernelManager): a kill is awaited on
 a pidfd, readiness on the kernel's own replies, never with sleeps.
+
+Imports: zmq and jupyter_client load with the first kernel, not with the box.
 
 Latency: a cell's messages are awaited with one async zmq receive each
 (:func:`_recv`, which returns as soon as a message lands), never with sleeps;
@@ -36,14 +48,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import zmq
-import zmq.asyncio
-from jupyter_client.asynchronous import AsyncKernelClient
-from jupyter_client.connect import write_connection_file
-from jupyter_client.session import new_id_bytes
-
 from ..errors import SandboxError
-from .forkserver import KERNEL_MAIN, ForkServer, ForkServerError, ProcessHandle
+from .forkserver import KERNEL_MAIN, ForkServer, ForkServerError, KernelEnvironmentError, ProcessHandle
 
 __all__ = ["Kernel"]
 
@@ -55,8 +61,9 @@ _LIVENESS_EVERY = 0.2
 #: After an interrupt, how long the kernel gets to report idle before it is restarted.
 _INTERRUPT_GRACE = 5.0
 _STARTUP_TIMEOUT = 60.0
-#: How long a booting kernel gets to show that the box's iopub subscription reached it.
-_IOPUB_PROBE = 0.25
+#: How long a booting kernel gets to show that the box's iopub subscription reached it before it is
+#: asked again (each ask makes it publish): zmq drops what is published before the subscription lands.
+_IOPUB_PROBE = 0.02
 #: zmq retries a connect to a socket the booting kernel has not bound yet after this many ms (default
 #: 100), backing off to the default interval: a dead kernel's sockets are not retried more often than stock.
 _RECONNECT_MS = (5, 100)
@@ -95,7 +102,7 @@ class Kernel:
         self._env = env
         self._lock = asyncio.Lock()
         self._forks = ForkServer()
-        self._context: Optional[zmq.asyncio.Context] = None
+        self._context: Any = None  # a zmq.asyncio.Context, made with the first kernel
         self._proc: Optional[ProcessHandle] = None
         self._kc: Any = None
         self._files: list[Path] = []
@@ -104,6 +111,25 @@ class Kernel:
         self._generation = 0
 
     # --- lifecycle ---
+
+    def _kernel_env(self) -> dict[str, str]:
+        return {**self._env(), **_KERNEL_ENV}
+
+    def spawn_fork_server(self) -> None:
+        """Start the fork server's interpreter now (no event loop needed); :meth:`prepare` waits for it."""
+        if not self._closed and not self._forks.disabled:
+            self._forks.spawn(self._kernel_env(), self._cwd)
+
+    async def prepare(self) -> None:
+        """Check that a kernel can run here: the fork server is up for the kernel's environment.
+
+        No kernel is started (the first cell starts one). Raises :class:`~corral.errors.SandboxError`
+        saying why when the interpreter or its packages cannot run a kernel.
+        """
+        try:
+            await self._forks.start(self._kernel_env(), self._cwd, _STARTUP_TIMEOUT)
+        except ForkServerError as exc:
+            raise SandboxError(f"the Python kernel cannot run in this sandbox: {exc}") from None
 
     def start_background(self) -> None:
         """Start the kernel without waiting (a warm box answers its first cell fast)."""
@@ -129,8 +155,14 @@ class Kernel:
             raise
 
     async def _start(self) -> None:
+        import zmq
+        import zmq.asyncio
+        from jupyter_client.asynchronous import AsyncKernelClient
+        from jupyter_client.connect import write_connection_file
+        from jupyter_client.session import new_id_bytes
+
         self._generation += 1
-        env = {**self._env(), **_KERNEL_ENV}
+        env = self._kernel_env()
         # Unix sockets in the private state dir: faster than loopback TCP and not reachable by port.
         base = self._state_dir / f"kernel-{self._generation}"
         connection_file, info = write_connection_file(
@@ -171,6 +203,8 @@ class Kernel:
         if not self._forks.disabled:
             try:
                 return ProcessHandle(await self._forks.fork(argv, env, self._cwd, _STARTUP_TIMEOUT))
+            except KernelEnvironmentError as exc:
+                raise RuntimeError(str(exc)) from None  # a spawned kernel would fail the same way
             except ForkServerError as exc:
                 logger.warning("kernel fork server: %s; spawning the kernel instead", exc)
         return ProcessHandle.spawn(argv, env, self._cwd)
@@ -198,15 +232,17 @@ class Kernel:
         A running cell is interrupted first (it answers with its
         KeyboardInterrupt), so a restart never waits out a long cell. With
         ``wait=False`` the new kernel boots in the background and the next
-        cell waits for it.
+        cell waits for it, and only if a kernel ran or was starting: a box
+        whose session ran no Python stays without one until a cell asks.
         """
         if self._lock.locked() and self._proc is not None:
             self._proc.signal(signal.SIGINT)
         async with self._lock:
+            had_kernel = self._proc is not None or self._starting is not None
             await self._stop()
             if wait:
                 await self._ensure()
-            else:
+            elif had_kernel:
                 self.start_background()
 
     def pid(self) -> Optional[int]:
@@ -221,6 +257,10 @@ class Kernel:
     async def alive(self) -> bool:
         proc = self._proc
         return proc is not None and proc.alive()
+
+    def started(self) -> bool:
+        """Whether a kernel runs or is starting (a lazy box has none until its first cell)."""
+        return self._proc is not None or self._starting is not None
 
     async def close(self) -> None:
         """Kill the kernel and its fork server for good. Idempotent."""
@@ -243,14 +283,17 @@ class Kernel:
             return await self._execute(code, timeout, silent=True)
 
     async def set_env(self, env: dict[str, str]) -> None:
-        """Apply ``env`` to the kernel's ``os.environ`` (silently: no history, no output)."""
-        if not env or self._closed:
+        """Apply ``env`` to the kernel's ``os.environ`` (silently: no history, no output). Without a
+        kernel there is nothing to do: the next one starts with the session env."""
+        if not env or self._closed or not self.started():
             return
         payload = json.dumps(json.dumps(env))
         await self.run_silent(f"__import__('os').environ.update(__import__('json').loads({payload}))")
 
     async def reset_namespace(self, base_env: dict[str, str]) -> None:
-        """Forget every variable and put ``os.environ`` back to ``base_env`` (kernel kept)."""
+        """Forget every variable and put ``os.environ`` back to ``base_env`` (kernel kept; none: nothing to do)."""
+        if not self.started():
+            return
         payload = json.dumps(json.dumps(base_env))
         await self.run_silent(
             "get_ipython().run_line_magic('reset', '-f')\n"
@@ -390,9 +433,14 @@ async def _wait_ready(kc: Any, proc: ProcessHandle, timeout: float) -> None:
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    answered = False
     while True:
         msg_id = kc.kernel_info()
-        if await _reply(kc.shell_channel, msg_id, min(1.0, max(0.01, deadline - loop.time()))):
+        if not answered:
+            answered = await _reply(kc.shell_channel, msg_id, min(1.0, max(0.01, deadline - loop.time())))
+        if answered:
+            # Every kernel_info makes the kernel publish busy and idle: the first one that arrives shows
+            # the subscription is live. The replies to the asks that went unseen are skipped by later reads.
             try:
                 await asyncio.wait_for(kc.iopub_channel.socket.recv_multipart(), _IOPUB_PROBE)
                 return

@@ -7,13 +7,15 @@ The box runs this file by path (``python .../kernel_main.py ...``), not with
 ``kernel_main.py -f CONNECTION_FILE [ipykernel flags]``
     one kernel, as ``ipykernel_launcher`` would run it.
 ``kernel_main.py --fork-server FD``
-    the kernel fork server (a "zygote", see :func:`serve_forks`): it imports
-    everything a kernel imports while it boots, once, then forks a kernel per
-    request read from the unix socket ``FD``. A forked kernel costs the kernel
-    app's own setup (~25 ms of CPU here), not an interpreter start and ~0.3 s
-    of imports. It differs from a spawned kernel in what a fork shares: the
-    hash seed of the zygote, and the zygote's imported objects frozen out of
-    garbage collection (so a full collection, as ``%reset`` runs, is cheaper).
+    the kernel fork server (a "zygote", see :func:`serve_forks`): it says it
+    is up as soon as its interpreter runs and finds a kernel's packages, and
+    imports everything a kernel imports while it boots once, when the first
+    kernel is asked for; then it forks a kernel per request read from the
+    unix socket ``FD``. A forked kernel costs the kernel app's own setup
+    (~40 ms of CPU here), not an interpreter start and ~0.25 s of imports. It
+    differs from a spawned kernel in what a fork shares: the hash seed of the
+    zygote, and the zygote's imported objects frozen out of garbage
+    collection (so a full collection, as ``%reset`` runs, is cheaper).
 
 What the kernel changes: stock ``OutStream.flush()`` always hands a flush to
 the IOPub thread and blocks until that thread answers, and ipykernel calls it
@@ -70,35 +72,65 @@ def _lean_outstream():
     return LeanOutStream
 
 
-def serve_forks(fd: int) -> list[str]:
-    """The fork server: fork a kernel per request on the unix socket ``fd``; returns only in a kernel, its argv.
+def missing_packages() -> list[str]:
+    """The top-level packages of :data:`PRELOAD` this interpreter cannot find (located, not imported)."""
+    import importlib.util
 
-    The protocol is one JSON object per line. The server says ``{"ready": true}``
-    once its imports are done; each request ``{"argv", "env", "cwd"}`` is
-    answered ``{"pid": N}`` (or ``{"error": "..."}``). At end of file (the box
-    closed the socket or died) it kills the kernels it forked and exits.
+    missing = []
+    for top in dict.fromkeys(name.split(".")[0] for name in PRELOAD):
+        try:
+            if importlib.util.find_spec(top) is None:
+                missing.append(top)
+        except (ImportError, ValueError) as exc:
+            missing.append(f"{top} ({exc})")
+    return missing
 
-    The server itself never creates a zmq context, a thread or an event loop,
-    and never runs user code, so each child starts from the same pristine
-    copy of it. It reaps its children as they exit (SIGCHLD), which also
-    hands their CPU time to the box's accounting when the box reaps it.
-    """
+
+def _preload() -> dict[str, str]:
+    """Import what a kernel imports while it boots; returns the variables those imports set."""
     import gc
     import importlib
-    import signal
-    import socket
 
     startup_env = dict(os.environ)
     for name in PRELOAD:
         importlib.import_module(name)
     if len(os.listdir("/proc/self/task")) > 1:
         # A fork copies only the calling thread: a lock another thread held would stay locked in every kernel.
-        sys.exit("corral fork server: an import started a thread; refusing to fork kernels")
-    # Variables the imports set (debugpy sets PYDEVD_USE_FRAME_EVAL): a kernel that imported them itself has them.
-    import_env = {k: v for k, v in os.environ.items() if startup_env.get(k) != v}
+        raise RuntimeError("an import started a thread; refusing to fork kernels")
     # Keep the imported objects out of every later collection: no child touches (and so copies) their pages for it.
     gc.collect()
     gc.freeze()
+    # Variables the imports set (debugpy sets PYDEVD_USE_FRAME_EVAL): a kernel that imported them itself has them.
+    return {k: v for k, v in os.environ.items() if startup_env.get(k) != v}
+
+
+def serve_forks(fd: int) -> list[str]:
+    """The fork server: fork a kernel per request on the unix socket ``fd``; returns only in a kernel, its argv.
+
+    The protocol is one JSON object per line. The server says ``{"ready": true}``
+    once its interpreter runs and finds the packages a kernel needs (or
+    ``{"error": "..."}`` and exits); the box counts as started only then. The
+    first request makes it import what a kernel imports while it boots (an
+    import that fails is answered ``{"error": "..."}`` and ends the server).
+    Each request ``{"argv", "env", "cwd"}`` is answered ``{"pid": N}`` (or
+    ``{"error": "..."}``). At end of file (the box closed the socket or died)
+    it kills the kernels it forked and exits.
+
+    The server itself never creates a zmq context, a thread or an event loop,
+    and never runs user code, so each child starts from the same pristine
+    copy of it. It reaps its children as they exit (SIGCHLD), which also
+    hands their CPU time to the box's accounting when the box reaps it.
+    """
+    import json
+    import signal
+    import socket
+
+    sock = socket.socket(fileno=fd)
+    missing = missing_packages()
+    if missing:
+        sock.sendall(json.dumps({"error": f"this interpreter ({sys.executable}) cannot find "
+                                          f"{', '.join(missing)}, which a Python kernel needs"}).encode() + b"\n")
+        sys.exit(1)
     # Not dumpable: a kernel runs as the same user but (in a container) without CAP_SYS_PTRACE,
     # so it can neither ptrace the server nor read or write its memory through /proc. A session
     # cannot plant code in the server that would run in the kernels of the sessions after it.
@@ -117,11 +149,18 @@ def serve_forks(fd: int) -> list[str]:
             kernels.discard(pid)
 
     signal.signal(signal.SIGCHLD, reap)
-    sock = socket.socket(fileno=fd)
     requests = sock.makefile("rb")
+    import_env: dict[str, str] | None = None
     try:
         sock.sendall(b'{"ready": true}\n')
         for line in requests:
+            if import_env is None:
+                try:
+                    import_env = _preload()
+                except BaseException as exc:  # ImportError, a broken extension module, SystemExit from an import
+                    sock.sendall(json.dumps({"error": f"importing the kernel's modules failed: "
+                                                      f"{type(exc).__name__}: {exc}"}).encode() + b"\n")
+                    break
             argv = _fork_one(line, sock, kernels, import_env)
             if argv is not None:
                 requests.close()
@@ -231,11 +270,12 @@ def main() -> None:
     if sys.path and os.path.abspath(sys.path[0] or os.curdir) == here:
         del sys.path[0]
     module = sys.modules[__name__]
-    module.LeanOutStream = _lean_outstream()
     sys.modules[MODULE] = module
     if sys.argv[1:2] == ["--fork-server"]:
         argv = serve_forks(int(sys.argv[2]))
         sys.orig_argv, sys.argv = argv, argv[1:]
+    # In a forked kernel after the fork server's imports: ipykernel is loaded already.
+    module.LeanOutStream = _lean_outstream()
 
     from ipykernel.kernelapp import IPKernelApp
 

@@ -93,9 +93,17 @@ class BoxRuntime:
         """The environment a new process gets: the box's (minus its secrets) plus the session env."""
         return {**self._base_env, **self.session_env}
 
+    def begin(self) -> None:
+        """Start the kernel's fork server now, without waiting: its interpreter starts while the
+        box imports its HTTP stack. :meth:`start` waits for it."""
+        self.kernel.spawn_fork_server()
+
     async def start(self) -> None:
-        """Boot the kernel in the background, so the first cell does not pay for it."""
-        self.kernel.start_background()
+        """Ready once a kernel can run here: the fork server is up (no kernel boots: the first cell
+        starts one, and shell, file and MCP calls never wait for it). A sandbox whose interpreter
+        or packages cannot run a kernel fails here, with :class:`~corral.errors.SandboxError`."""
+        self.begin()
+        await self.kernel.prepare()
 
     async def set_env(self, env: dict[str, str]) -> None:
         """Add ``env`` to the session env: every later command, and the kernel's ``os.environ`` now."""

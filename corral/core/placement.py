@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-__all__ = ["NodeView", "place", "default_capacity", "default_start_limit"]
+__all__ = ["NodeView", "place", "default_capacity", "default_start_limit", "START_FACTOR"]
 
 
 @dataclass
@@ -47,10 +47,16 @@ def default_capacity(cpus: float, memory_bytes: float) -> int:
     return max(1, min(by_cpu, by_mem))
 
 
+#: Starts a node runs at once, per CPU. Measured (docs/performance.md, "Cold starts"): on 2 CPUs,
+#: sandboxes per second peak at 2 starts in flight with both drivers; more only lengthen each start
+#: (Docker: 0.9 s at 2, 1.9 s at 4, 3.5 s at 8, the same throughput) or cost throughput (process
+#: driver: 6.6 cycles/s at 2, 5.3 at 4, 3.4 at 8, as concurrent boots thrash the CPUs).
+START_FACTOR = 1.0
+
+
 def default_start_limit(cpus: float) -> int:
-    """Starts a node runs at once by default: 2 per CPU (docs/performance.md has the
-    measurement behind the factor)."""
-    return max(1, int(2 * max(cpus, 1)))
+    """Starts a node runs at once by default: one per CPU (:data:`START_FACTOR`), at least one."""
+    return max(1, int(round(START_FACTOR * cpus)))
 
 
 def place(n: int, nodes: Iterable[NodeView], prefer: Optional[str] = None) -> list[str]:

@@ -126,7 +126,7 @@ async def test_failed_create_leaves_nothing(driver, sandboxes, image):
     assert await driver.list(marker) == []
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.25], ids=["while-creating", "while-booting"])
+@pytest.mark.parametrize("delay", [0.05, 0.12], ids=["while-creating", "while-booting"])
 async def test_cancelled_create_leaves_nothing(driver, sandboxes, image, delay):
     marker = {"corral.test": _name("cancel")}
     task = asyncio.ensure_future(sandboxes.create(_spec(_name("c4"), image, labels=marker)))

@@ -34,7 +34,9 @@ def test_run_kwargs_carry_security_and_no_token():
     hc = kw["host_config"]
     # The token is nowhere in the container's settings: it goes down stdin at start.
     assert "the-real-token-0123" not in repr(kw)
-    assert kw["environment"] == {"A": "1", "CORRAL_TOKEN_FILE": "-", "CORRAL_BOX_CONTAINER": "1"}
+    # CORRAL_READY_FILE=-: the box prints its ready line on stdout, which the driver reads
+    assert kw["environment"] == {"A": "1", "CORRAL_TOKEN_FILE": "-", "CORRAL_BOX_CONTAINER": "1",
+                                 "CORRAL_READY_FILE": "-"}
     assert kw["stdin_open"] is True and kw["detach"] is False  # docker-py: StdinOnce
     assert kw["labels"] == {"corral.managed": "true", "x": "y", "corral.network": "egress"}
     assert hc["network_mode"] == "corral-u"
