@@ -108,6 +108,9 @@ class RegistryActor:
         self.outbox.put(*[("teardown", td) for td in cut if td is not None])
         await self.nodes.refresh()
         self.core.addresses = self.nodes.addresses()
+        # Records of a machine that came back under a new node id (Ray restarted) move to it before
+        # its containers are reconciled: they are its records' containers, not unknown ones.
+        self.upkeep.place_orphan_records()
         await self.sessions.adopt(self.ns)
         for node in list(self.nodes.nodes):
             await self.upkeep.reconcile_node(node)

@@ -53,7 +53,7 @@ class Upkeep:
             self._replace_loopback()
         for node in went:
             self._lose(node, "it left Ray's node table")
-        self._place_orphan_records()
+        self.place_orphan_records()
         for node in came:
             self.watch(node)
             await self.reconcile_node(node)  # a node that comes back may still run old sandboxes
@@ -71,7 +71,7 @@ class Upkeep:
                         "127.0.0.1 only", len(tds))
             self.reg.outbox.put(*[("teardown", td) for td in tds])
 
-    def _place_orphan_records(self) -> None:
+    def place_orphan_records(self) -> None:
         """Records naming a node that is not in the node table: a live node at the same address is
         that machine after a Ray restart, and the records move to it; a node missing longer than
         :data:`NODE_GRACE` is lost."""

@@ -1,1 +1,12 @@
-"""(filled in below)"""
+"""corral's benchmarks. Each prints its figures and writes them as JSON; ``docs/performance.md``
+holds the current ones with the command, date and machine behind each.
+
+- :mod:`corral.bench.rollout` (``corral bench``): RL-shaped episodes against its baselines;
+  ``--workload cycle`` runs :mod:`corral.bench.cycle` (create, one shell call, release, as the
+  reference's users loop, against bare docker-py and the reference itself).
+- :mod:`corral.bench.runtime_bench`: acquire, tool call and release through the actors.
+- :mod:`corral.bench.gateway_bench`: remote mode, the gateway's ``/proxy`` overhead and many
+  remote clients.
+- :mod:`corral.bench.storage_bench`: workspace sync to local and OSS storage.
+- :mod:`corral.bench.box_bench`, :mod:`corral.bench.docker_bench`: the box alone, the engine alone.
+"""

@@ -66,6 +66,7 @@ class Harness:
         self.address = address
         self.image = image or os.environ.get("CORRAL_IMAGE", "corral-box:latest")
         self.procs: list[subprocess.Popen] = []
+        self.configs: list[Any] = []
 
     def config(self, tag: str, **kw: Any):
         from corral.models import SandboxManagerEnvConfig, SandboxTypeConfig
@@ -79,9 +80,11 @@ class Harness:
         kw.setdefault("reconcile_interval", 3)
         kw.setdefault("spare_sessions", 1)
         kw.setdefault("acquire_timeout", 120)
-        return SandboxManagerEnvConfig(
+        config = SandboxManagerEnvConfig(
             namespace=ns, state_dir=str(base / "state"), default_mount_dir=str(base / "mounts"),
             container_deployment=self.driver, sandbox_types=types, **kw)
+        self.configs.append(config)
+        return config
 
     # -- client processes -----------------------------------------------------------
 
@@ -101,10 +104,15 @@ class Harness:
         return Client(p, ray_tmp)
 
     def close(self) -> None:
+        """End the clients it started; a namespace a scenario left sandboxes in (it failed half way)
+        is taken down."""
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+        for config in self.configs:
+            if self.sandboxes_left(config):
+                self.remove_leftovers(config)
 
     # -- what is left ---------------------------------------------------------------
 

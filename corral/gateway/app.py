@@ -34,7 +34,7 @@ from corral.errors import CorralError, InvalidRequest, NotFound, SandboxGone, Sa
 from .auth import Tenants
 from .backend import OPERATIONS, PARAMETERS, Backend, TenantOps
 from .guard import BadRequest, Guard, error_response_parts
-from .proxy import BoxProxy
+from .proxy import BoxProxy, Routes, StaleRoute
 from .settings import GatewaySettings
 
 __all__ = ["create_app", "PROXY_METHODS"]
@@ -43,6 +43,8 @@ logger = logging.getLogger("corral.gateway")
 
 PROXY_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH"]
 _ALIASES = {f"{op}_async": op for op in OPERATIONS}
+#: Operations that may release, stop or move a tenant's sandboxes: its remembered /proxy routes go.
+_MOVING = frozenset({"release", "start", "stop", "reap_session", "restore_session", "cleanup"})
 #: Operations that hand out a sandbox: released again if their caller has gone.
 _CREATING = frozenset({"create", "create_from_pool", "acquire"})
 
@@ -90,6 +92,7 @@ def create_app(
         raise InvalidRequest(f"settings must be a GatewaySettings, got {type(settings).__name__}")
     b = Backend(backend)
     proxy = BoxProxy(settings)
+    routes = Routes(settings.proxy_route_ttl)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -99,6 +102,7 @@ def create_app(
     app = FastAPI(title="corral gateway", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.proxy = proxy
+    app.state.routes = routes
     app.state.backend = b
     app.state.tenants = tenants
     app.state.settings = settings
@@ -137,6 +141,8 @@ def create_app(
             raise NotFound(f"no operation {op!r}")
         args = _arguments(name, await request.body())
         tenant_ops = ops(request)
+        if name in _MOVING:
+            routes.forget(tenant_ops.tenant)
         result = await getattr(tenant_ops, name)(**args)
         if name in _CREATING and await request.is_disconnected():
             # Nobody will learn this sandbox's name: give it back rather than leave it running.
@@ -147,10 +153,19 @@ def create_app(
 
     @app.api_route("/proxy/{identity}/{path:path}", methods=PROXY_METHODS)
     async def proxy_route(identity: str, path: str, request: Request) -> Response:
-        rec = await ops(request).live_record(identity)
+        tenant_ops = ops(request)
+        reusable = Routes.reusable(request)
+        if reusable and (known := routes.get(tenant_ops.tenant, identity)) is not None:
+            try:
+                return await proxy.forward(request, known, remembered=True)
+            except StaleRoute:
+                routes.forget(tenant_ops.tenant, identity)
+        rec = await tenant_ops.live_record(identity)
         if rec.get("state") not in ("RUNNING", "WARM") or not rec.get("url") or not rec.get("runtime_token"):
             # A reaped (RECYCLED) sandbox: the client restores its session, then calls again.
             raise SandboxGone(f"sandbox {identity} is {rec.get('state')}: restore its session")
+        if reusable:
+            routes.put(tenant_ops.tenant, identity, rec)
         return await proxy.forward(request, rec)
 
     app.add_middleware(Guard, tenants=tenants, settings=settings)

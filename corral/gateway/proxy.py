@@ -13,11 +13,22 @@ The box's token never leaves the gateway: it is only in the request to the box.
 A box that does not answer is :class:`corral.SandboxUnreachable` (503,
 retryable); a box that refuses its own token is not the sandbox's box any more
 (its address was reused) and answers 502.
+
+:class:`Routes` owns the gateway's short-lived memory of where a tenant's
+sandbox is (its box's address and token), so a run of tool calls does not ask
+the registry once per call. A remembered route is only trusted while the box
+takes it: a box that refuses the token (the sandbox was reset or released and
+its address reused) or refuses the connection (the sandbox is gone) makes the
+gateway forget the route, look the sandbox up again and send the request once
+more. Both refusals happen before the box acts on a request, so nothing runs
+twice; a request whose body streams (an upload over 1 MiB) is never sent on a
+remembered route.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -29,7 +40,7 @@ from corral.errors import NotFound, SandboxError, SandboxUnreachable
 
 from .settings import GatewaySettings
 
-__all__ = ["BoxProxy", "BOX_PREFIXES"]
+__all__ = ["BoxProxy", "BOX_PREFIXES", "Routes", "StaleRoute"]
 
 #: Paths a box serves (docs/box-api.md); anything else is not forwarded.
 BOX_PREFIXES = ("v1/", "fastapi/")
@@ -43,6 +54,54 @@ _NOT_RETURNED = _HOP | {"server", "date"}
 #: Bodies up to this size are sent and answered whole (with their length) rather than streamed.
 _WHOLE = 1 << 20
 _CHUNK = 1 << 16
+
+
+class StaleRoute(Exception):
+    """A remembered route was refused before the box acted on the request: look again."""
+
+
+class Routes:
+    """(tenant, identity) -> the record a /proxy request goes to, for ``ttl`` seconds (see the
+    module docstring). Bounded: the oldest entries go first beyond ``limit``."""
+
+    def __init__(self, ttl: float, limit: int = 10_000, clock=time.monotonic) -> None:
+        self.ttl, self.limit, self._clock = ttl, limit, clock
+        self._routes: dict[tuple[str, str], tuple[float, dict]] = {}
+
+    def get(self, tenant: str, identity: str) -> dict | None:
+        if self.ttl <= 0:
+            return None
+        entry = self._routes.get((tenant, identity))
+        if entry is None:
+            return None
+        if self._clock() - entry[0] > self.ttl:
+            del self._routes[(tenant, identity)]
+            return None
+        return entry[1]
+
+    def put(self, tenant: str, identity: str, record: dict) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._routes) >= self.limit:
+            for key in list(self._routes)[: max(1, self.limit // 10)]:
+                del self._routes[key]
+        self._routes[(tenant, identity)] = (self._clock(), record)
+
+    def forget(self, tenant: str, identity: str | None = None) -> None:
+        """One route of ``tenant``, or all of them (after an operation that may move its sandboxes)."""
+        if identity is not None:
+            self._routes.pop((tenant, identity), None)
+        else:
+            for key in [k for k in self._routes if k[0] == tenant]:
+                del self._routes[key]
+
+    @staticmethod
+    def reusable(request: Request) -> bool:
+        """Whether ``request`` may go on a remembered route: its body can be sent twice."""
+        if request.method in ("GET", "HEAD", "DELETE"):
+            return True
+        length = request.headers.get("content-length")
+        return length is not None and length.isdigit() and int(length) <= _WHOLE
 
 
 class _Raw(Response):
@@ -86,8 +145,11 @@ class BoxProxy:
         if entry is not None and entry[0] is loop:
             await entry[1].close()
 
-    async def forward(self, request: Request, record: dict) -> Response:
-        """Send ``request`` (a ``/proxy/<identity>/<path>`` request) to ``record``'s box."""
+    async def forward(self, request: Request, record: dict, remembered: bool = False) -> Response:
+        """Send ``request`` (a ``/proxy/<identity>/<path>`` request) to ``record``'s box.
+
+        ``remembered``: the record is a remembered route (:class:`Routes`); a box that refuses the
+        token or the connection raises :class:`StaleRoute` instead of answering."""
         rest = _rest(request)
         if not rest.startswith(BOX_PREFIXES):
             raise NotFound(f"no box route /{rest.split('?')[0]}: a box serves /v1/... and /fastapi/...")
@@ -102,12 +164,17 @@ class BoxProxy:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             if failure:  # the client's body failed (too large, stalled): that is the answer
                 raise failure[0] from None
+            if remembered and isinstance(e, aiohttp.ClientConnectorError):
+                raise StaleRoute() from None  # nothing was sent
             raise SandboxUnreachable(
                 f"the box of sandbox {record.get('container_name')} did not answer ({type(e).__name__})"
             ) from None
         if failure:
             upstream.release()
             raise failure[0]
+        if remembered and upstream.status == 401:
+            upstream.release()
+            raise StaleRoute()  # the box checks its token before it reads or runs anything
         return await self._answer(upstream, record)
 
     async def _body(self, request: Request, headers: list) -> tuple[Any, list]:

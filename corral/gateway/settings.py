@@ -28,6 +28,11 @@ class GatewaySettings(BaseModel):
     proxy_read_timeout: float = Field(
         3600.0, gt=0, description="seconds a box may stay silent during one proxied request (a long command)"
     )
+    proxy_route_ttl: float = Field(
+        2.0, ge=0, description="seconds a /proxy request may reuse a sandbox's looked-up address and token "
+        "(0: look up every request); a box that refuses the token or does not take the connection "
+        "makes the gateway look again at once"
+    )
     allow_host_paths: bool = Field(
         False, description="accept create(mount_dir=..., storage_path=...) from tenants (host paths: trusted tenants only)"
     )

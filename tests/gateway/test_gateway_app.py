@@ -333,3 +333,37 @@ async def test_no_token_reaches_a_log(backend, make_app, tokens, caplog):
         assert secret not in text
     served = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("corral", "uvicorn")))
     assert "/v1/shell 200" in served and "?token" not in served  # the gateway logs no query string
+
+
+async def test_the_proxy_remembers_a_route_and_looks_again_when_the_box_refuses_it(backend, make_app, tokens):
+    app, c = make_app(backend)
+    auth = tokens.auth(tokens.a)
+    name = (await data(c, tokens.a, "acquire", session_ctx_id="routes"))["container_name"]
+    lookups = []
+    b = app.state.backend
+    op = b.op
+    b.op = lambda n: (lookups.append(n) if n == "get_info" else None) or op(n)
+    for i in range(3):
+        r = await c.post(f"/proxy/{name}/v1/shell", json={"command": f"echo {i}"}, headers=auth)
+        assert r.status_code == 200 and r.json()["stdout"] == f"{i}\n"
+    assert lookups == ["get_info"]  # one lookup, then the remembered route
+
+    # released behind this gateway's back (another gateway, a reaper): the reset gives the box a new
+    # token, the box refuses the remembered one, and the gateway looks again: no longer tenant a's
+    await asyncio.to_thread(backend.release, name)
+    await asyncio.to_thread(wait_for, lambda: backend.get_info(name)["state"] == "WARM", 60, "the reset")
+    r = await c.post(f"/proxy/{name}/v1/shell", json={"command": "echo stale"}, headers=auth)
+    assert r.status_code == 404, r.text
+    assert lookups == ["get_info", "get_info"]
+
+
+async def test_an_operation_that_moves_sandboxes_forgets_the_tenants_routes(backend, make_app, tokens):
+    app, c = make_app(backend, proxy_route_ttl=60)
+    auth = tokens.auth(tokens.a)
+    name = (await data(c, tokens.a, "acquire", session_ctx_id="moved"))["container_name"]
+    assert (await c.get(f"/proxy/{name}/v1/healthz", headers=auth)).status_code == 200
+    assert app.state.routes.get("alpha", name) is not None
+    await data(c, tokens.a, "release", identity=name)
+    assert app.state.routes.get("alpha", name) is None
+    r = await c.get(f"/proxy/{name}/v1/healthz", headers=auth)
+    assert r.status_code in (404, 410), r.text

@@ -240,3 +240,25 @@ async def test_failures_outside_corrals_tree_are_still_errors_on_the_wire(caplog
         assert r.json()["error"] == {"code": "corral_error", "message": "internal error in the gateway (ValueError)",
                                      "retryable": False}
     assert "ValueError" in caplog.text and T_A not in caplog.text
+
+
+def test_routes_are_remembered_for_their_ttl_per_tenant_and_bounded():
+    from corral.gateway.proxy import Routes
+
+    now = [0.0]
+    r = Routes(ttl=2.0, limit=10, clock=lambda: now[0])
+    r.put("a", "sb1", {"url": "u1"})
+    r.put("b", "sb1", {"url": "other"})
+    assert r.get("a", "sb1") == {"url": "u1"} and r.get("b", "sb1") == {"url": "other"}
+    assert r.get("a", "sb2") is None
+    now[0] = 2.5
+    assert r.get("a", "sb1") is None  # expired
+    r.put("a", "sb1", {"url": "u1"})
+    r.forget("a")
+    assert r.get("a", "sb1") is None and r.get("b", "sb1") is None  # b's expired too
+    for i in range(25):
+        r.put("a", f"x{i}", {"i": i})
+    assert len(r._routes) <= 10 and r.get("a", "x24") == {"i": 24}
+    off = Routes(ttl=0)
+    off.put("a", "sb", {"url": "u"})
+    assert off.get("a", "sb") is None

@@ -301,12 +301,18 @@ def test_a_session_whose_actor_dies_is_still_reaped(make_manager):
 
     m = make_manager(pool_size=0, heartbeat_timeout=2, reconcile_interval=1)
     name = m.create(meta={"session_ctx_id": "orphaned-actor"})
-    victims = []
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == m.config.namespace and entry["name"].startswith(SESSION_PREFIX):
-            h = ray.get_actor(entry["name"], namespace=m.config.namespace)
-            if ray.get(h.describe.remote())["session_ctx_id"] == "orphaned-actor":
-                victims.append(h)
+
+    def session_actors():
+        found = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == m.config.namespace and entry["name"].startswith(SESSION_PREFIX):
+                h = ray.get_actor(entry["name"], namespace=m.config.namespace)
+                if ray.get(h.describe.remote())["session_ctx_id"] == "orphaned-actor":
+                    found.append(h)
+        return found
+
+    # the session's actor is bound right after the create answers (a message from the registry)
+    victims = wait_for(session_actors, timeout=20, what="the session's actor")
     assert len(victims) == 1
     ray.kill(victims[0], no_restart=True)
     # the registry notices, gives the session a new actor, and that actor reaps it on time

@@ -154,6 +154,7 @@ async def test_a_reuse_reset_rotates_the_token(lab):
             await previous.reset(token="the-previous-sessions-try-0")
         async with AsyncBoxClient(h.url, NEXT) as new:
             assert (await new.shell("ls -A; echo ok")).stdout == "ok\n"  # wiped, and answering the new token
+            await new.write("after.txt", "the next session's")  # something for the search to read
     async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
         assert (await http.get(f"{h.url}/v1/healthz", headers={"Authorization": f"Bearer {TOKEN}"})).status_code == 401
     # The new token came in a request body: it is no more readable than the first one was.
