@@ -171,7 +171,7 @@ class RegistryActor:
             self._due["nodes"] = now + NODES_EVERY
             await self.upkeep.follow_nodes()
         self._admit_and_refill()
-        self.outbox.put(*[("teardown", td) for td in self.core.plan_shrink(now)])
+        self.outbox.put(*[("teardown", td) for td in self.core.plan_shrink()])
         self.core.expire()
         if now >= self._due["health"]:
             self._due["health"] = now + HEALTH_EVERY
@@ -195,7 +195,7 @@ class RegistryActor:
         views = self._views()
         for wid, rec in self.core.admit(views):
             self.waiters.resolve(wid, rec)
-        recs = self.core.plan_starts(views, time.monotonic())
+        recs = self.core.plan_starts(views)
         if recs:
             self.starts.dispatch(recs)
 

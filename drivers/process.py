@@ -187,15 +187,24 @@ class ProcessDriver(Driver):
     async def _spawn(self, cmd: list[str], env: dict, meta: dict) -> None:
         """Run the launcher; record the box's pid in ``meta`` (and on disk) before returning.
 
-        The token goes down the launcher's stdin, which the box inherits and reads once.
+        The token goes down the launcher's stdin, which the box inherits and reads once. It is in
+        the pipe before the launcher starts: the launcher exits within milliseconds, and a pipe the
+        event loop had yet to write when it saw that exit would close empty.
         """
         name = meta["name"]
-        with open(self._dir(name) / "box.log", "ab") as log:
-            launcher = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, env=env,
-                cwd=meta["workspace"],
-            )
-            out, _ = await launcher.communicate((meta["token"] + "\n").encode("ascii"))
+        token_r, token_w = os.pipe()
+        try:
+            os.write(token_w, (meta["token"] + "\n").encode("ascii"))  # far below a pipe's buffer
+        finally:
+            os.close(token_w)
+        try:
+            with open(self._dir(name) / "box.log", "ab") as log:
+                launcher = await asyncio.create_subprocess_exec(
+                    *cmd, stdin=token_r, stdout=asyncio.subprocess.PIPE, stderr=log, env=env, cwd=meta["workspace"],
+                )
+        finally:
+            os.close(token_r)
+        out, _ = await launcher.communicate()
         try:
             meta["pid"] = int(out.decode().strip())
             meta["pid_started"] = psutil.Process(meta["pid"]).create_time()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -131,35 +132,55 @@ async def _rollouts(m, workers: int, episodes: int, calls: int) -> dict:
             "release_ms": summary(release)}
 
 
-def _system(cluster, root: str, name: str, node_resource: str, workers: int, episodes: int, calls: int) -> dict:
+def _warm(m, target: int, name: str, timeout: float = 900.0) -> None:
+    """Wait for ``target`` warm sandboxes, printing the pool's progress (and its last error)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        pool = m.status()["pools"]["base"]
+        line = (f"  {name}: warm {pool['warm']}/{target}, starting {pool['starting']}, "
+                f"failed {pool['failed_total']}" + (f", last error: {pool['last_error']}" if pool["last_error"] else ""))
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if pool["warm"] >= target:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: {pool['warm']} of {target} sandboxes warm after {timeout:.0f}s")
+        time.sleep(5)
+
+
+@contextlib.contextmanager
+def _namespace(root: str, name: str, pool: int, node_resource: str):
+    """A manager of a namespace of its own with ``pool`` warm sandboxes; taken down after."""
     from corral import SandboxManager
     from corral.manager import down
 
-    m = SandboxManager(_config(root, name, workers, node_resource))
+    m = SandboxManager(_config(root, name, pool, node_resource))
     try:
-        t0 = time.perf_counter()
-        m.reserve(n=0, wait=True, timeout=900)
-        warm_s = time.perf_counter() - t0
-        res = asyncio.run(_rollouts(m, workers, episodes, calls))
-        res["pool_warm_s"] = round(warm_s, 1)
-        res["sandboxes_per_node"] = {n[:8]: v.get("states", {}) for n, v in m.status()["nodes"].items()}
-        print(f"  {name}: {res['episodes_per_s']} episodes/s, acquire p50 {res['acquire_ms']['p50']} ms, "
-              f"tool p50 {res['tool_ms']['p50']} ms, errors {res['errors']}", flush=True)
-        return res
+        _warm(m, pool, name)
+        yield m
     finally:
         m.close()
         down(m.config, timeout=120)
 
 
+def _system(cluster, root: str, name: str, node_resource: str, workers: int, episodes: int, calls: int) -> dict:
+    t0 = time.perf_counter()
+    with _namespace(root, name, workers, node_resource) as m:
+        warm_s = time.perf_counter() - t0
+        res = asyncio.run(_rollouts(m, workers, episodes, calls))
+        res["pool_warm_s"] = round(warm_s, 1)
+        res["sandboxes_per_node"] = {n[:8]: v.get("states", {}) for n, v in m.status()["nodes"].items()}
+    print(f"  {name}: {res['episodes_per_s']} episodes/s, acquire p50 {res['acquire_ms']['p50']} ms, "
+          f"tool p50 {res['tool_ms']['p50']} ms, errors {res['errors']}", flush=True)
+    return res
+
+
 def _cross_node(cluster, root: str, pairs: int) -> dict:
     import ray
 
-    from corral import SandboxManager
-    from corral.manager import down
-
-    m = SandboxManager(_config(root, "cross", 2, "corral_sandbox"))
-    try:
-        m.reserve(n=0, wait=True, timeout=300)
+    with _namespace(root, "cross", 2, "corral_sandbox") as m:
         cfg = m.config.model_dump(mode="json")
 
         @ray.remote(num_cpus=0)
@@ -185,29 +206,21 @@ def _cross_node(cluster, root: str, pairs: int) -> dict:
         res = {"same_node_ms": summary(same), "other_node_ms": summary(other),
                "overhead_ms_p50_difference": round(pct(other, 50) - pct(same, 50), 3),
                "overhead_ms_p50_of_pairs": round(statistics.median(o - s for o, s in zip(other, same)), 3)}
-        print(f"  a shell call from node A: to node A p50 {res['same_node_ms']['p50']} ms, to node B "
-              f"{res['other_node_ms']['p50']} ms, overhead {res['overhead_ms_p50_difference']} ms "
-              f"(paired: {res['overhead_ms_p50_of_pairs']} ms)", flush=True)
-        return res
-    finally:
-        m.close()
-        down(m.config, timeout=120)
+    print(f"  a shell call from node A: to node A p50 {res['same_node_ms']['p50']} ms, to node B "
+          f"{res['other_node_ms']['p50']} ms, overhead {res['overhead_ms_p50_difference']} ms "
+          f"(paired: {res['overhead_ms_p50_of_pairs']} ms)", flush=True)
+    return res
 
 
 def _sessions(cluster, root: str, n: int) -> dict:
     import psutil
     import ray
 
-    from corral import SandboxManager
     from corral.actors.handles import SESSION_PREFIX
     from corral.actors.pool_actor import node_driver_config
     from corral.core.placement import default_capacity
-    from corral.manager import down
 
-    m = SandboxManager(_config(root, "sessions", n, "node_a"))
-    held = []
-    try:
-        m.reserve(n=0, wait=True, timeout=600)
+    with _namespace(root, "sessions", n, "node_a") as m:
         held = [m.acquire(session_ctx_id=f"live-{i}") for i in range(n)]
         time.sleep(2)  # settle: the sessions' first heartbeats
         sess, pids = [], []
@@ -226,36 +239,32 @@ def _sessions(cluster, root: str, n: int) -> dict:
                     boxes.append(_uss(json.load(f)["pid"], tree=True))
             except (OSError, KeyError, ValueError):
                 pass
-        sess = [x / MIB for x in sess if x]
-        boxes = [x / MIB for x in boxes if x]
-        s_mib = statistics.median(sess) if sess else None
-        b_mib = statistics.median(boxes) if boxes else None
-        cpus = 2
-        capacity = default_capacity(cpus, psutil.virtual_memory().total)
-        per = (s_mib or 0) + (b_mib or 0)
-        res = {"sessions_held": len(held), "session_actor_uss_mib": round(s_mib, 1) if s_mib else None,
-               "box_uss_mib": round(b_mib, 1) if b_mib else None, "mib_per_live_session": round(per, 1),
-               "node_capacity_default": capacity,
-               "memory_for_capacity_gib": round(capacity * per / 1024, 2),
-               "sessions_the_memory_holds": int(psutil.virtual_memory().total / MIB // per) if per else None,
-               "session_actor_idle_cpu_percent": idle_cpu,
-               "session_actors_measured": len(sess), "boxes_measured": len(boxes)}
-        print(f"  a live session: session actor {res['session_actor_uss_mib']} MiB + box {res['box_uss_mib']} MiB "
-              f"(USS), {idle_cpu}% of a CPU while idle; a node of "
-              f"{cpus} CPUs holds {capacity} sandboxes by default, {res['memory_for_capacity_gib']} GiB of live "
-              "sessions", flush=True)
-        return res
-    finally:
         for sb in held:
-            try:
-                sb.release()
-            except Exception:
-                pass
-        m.close()
-        down(m.config, timeout=120)
+            sb.release()
+    sess = [x / MIB for x in sess if x]
+    boxes = [x / MIB for x in boxes if x]
+    s_mib = statistics.median(sess) if sess else None
+    b_mib = statistics.median(boxes) if boxes else None
+    cpus = 2
+    capacity = default_capacity(cpus, psutil.virtual_memory().total)
+    per = (s_mib or 0) + (b_mib or 0)
+    res = {"sessions_held": len(held), "session_actor_uss_mib": round(s_mib, 1) if s_mib else None,
+           "box_uss_mib": round(b_mib, 1) if b_mib else None, "mib_per_live_session": round(per, 1),
+           "node_capacity_default": capacity,
+           "memory_for_capacity_gib": round(capacity * per / 1024, 2),
+           "sessions_the_memory_holds": int(psutil.virtual_memory().total / MIB // per) if per else None,
+           "session_actor_idle_cpu_percent": idle_cpu,
+           "session_actors_measured": len(sess), "boxes_measured": len(boxes)}
+    print(f"  a live session: session actor {res['session_actor_uss_mib']} MiB + box {res['box_uss_mib']} MiB "
+          f"(USS), {idle_cpu}% of a CPU while idle; a node of {cpus} CPUs holds {capacity} sandboxes by default, "
+          f"{res['memory_for_capacity_gib']} GiB of live sessions", flush=True)
+    return res
 
 
 def run(workers: int = 64, episodes: int = 3, calls: int = 4, pairs: int = 200, sessions: int = 16) -> dict:
+    """The three measures; call it before this process uses Ray (it joins the cluster it builds,
+    whose nodes use token auth, and Ray reads its auth mode once)."""
+    os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     from corral.testing.netns import NetnsCluster, netns_problem
@@ -263,7 +272,6 @@ def run(workers: int = 64, episodes: int = 3, calls: int = 4, pairs: int = 200, 
     problem = netns_problem()
     if problem:
         raise SystemExit(f"cluster_bench: {problem}")
-    os.environ["RAY_AUTH_MODE"] = "token"
     root = tempfile.mkdtemp(prefix="corral-cbench-")
     cluster = NetnsCluster(tag="cbn", subnet="10.213.2")
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": _machine(),

@@ -849,16 +849,9 @@ def _run_reference(p: CycleParams, background: Optional[float]) -> dict:
 
 def run(p: CycleParams, out_dir: Optional[str] = None) -> dict:
     """Run every system of ``p`` on the Ray cluster this process is connected to; write DIR/cycle.{json,png}."""
-    import ray
+    from corral.bench.rollout import machine_info, prepare_run
 
-    from corral.bench.rollout import machine_info
-
-    p.validate()
-    if not ray.is_initialized():
-        raise RuntimeError("corral.bench.cycle.run needs Ray initialized (ray.init) first; `corral bench` does it")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="corral-cycle-")
+    workdir = prepare_run(p, out_dir, "cycle")
     systems: dict[str, dict] = {}
     machine = machine_info()
     machine["background_busy_cpus"] = background = background_cpus()

@@ -191,7 +191,7 @@ def run(workers: int, cycles: int, calls: int) -> dict:
     from corral import SandboxManager, SandboxManagerEnvConfig, SandboxTypeConfig
     from corral.gateway import Tenants
     from corral.gateway.server import start_gateways, stop_gateways
-    from corral.manager.cluster import down
+    from corral.manager import down
 
     workdir = tempfile.mkdtemp(prefix="corral-gwbench-")
     cfg = SandboxManagerEnvConfig(

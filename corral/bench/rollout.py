@@ -688,16 +688,22 @@ def _failed(system: str, e: BaseException) -> dict:
             "failure": f"{type(e).__name__}: {e}"}
 
 
-def run(p: BenchParams, out_dir: Optional[str] = None) -> dict:
-    """Run every system of ``p`` on the Ray cluster this process is connected to; write DIR/bench.{json,png}."""
+def prepare_run(p: Any, out_dir: Optional[str], workload: str) -> str:
+    """Checks before a benchmark of ``workload`` runs (its params, Ray); makes ``out_dir`` and
+    returns a scratch directory."""
     import ray
 
     p.validate()
     if not ray.is_initialized():
-        raise RuntimeError("corral.bench.rollout.run needs Ray initialized (ray.init) first; `corral bench` does it")
+        raise RuntimeError(f"corral.bench.{workload}.run needs Ray initialized (ray.init) first; `corral bench` does it")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="corral-bench-")
+    return tempfile.mkdtemp(prefix=f"corral-{workload}-")
+
+
+def run(p: BenchParams, out_dir: Optional[str] = None) -> dict:
+    """Run every system of ``p`` on the Ray cluster this process is connected to; write DIR/bench.{json,png}."""
+    workdir = prepare_run(p, out_dir, "rollout")
     systems: dict[str, dict] = {}
     try:
         for system in CORRAL_SYSTEMS:

@@ -68,14 +68,16 @@ async def _measure_memory(m, names: list[str]) -> dict:
     boxes = []
     driver_root = m.config.driver_config().model_dump().get("root")
     if driver_root:
+        import glob
         import os
 
-        for n in names:
-            try:
-                with open(os.path.join(driver_root, n, "meta.json")) as f:
-                    boxes.append(_tree_uss(json.load(f)["pid"]))
-            except (OSError, KeyError, ValueError):
-                pass
+        for n in names:  # each node's boxes are in a directory of their own under the root
+            for meta in glob.glob(os.path.join(glob.escape(driver_root), "*", n, "meta.json")):
+                try:
+                    with open(meta) as f:
+                        boxes.append(_tree_uss(json.load(f)["pid"]))
+                except (OSError, KeyError, ValueError):
+                    pass
     sess = [x for x in sess if x]
     boxes = [x for x in boxes if x]
     mib = 1 / (1 << 20)

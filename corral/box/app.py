@@ -391,7 +391,7 @@ def _file_routes(r: _Routes, runtime: BoxRuntime, corral_paths: bool) -> None:
 
 
 def _reference_routes(runtime: BoxRuntime, prefix: str) -> list[Route]:
-    """The reference's in-sandbox routes (seed-protocol.md §5), same JSON in and out."""
+    """The reference's in-sandbox routes (docs/box-api.md, "The reference's routes"), same JSON in and out."""
     r = _Routes(prefix)
     ws = runtime.workspace
 

@@ -591,9 +591,11 @@ class RegistryCore:
             p = self.pools[t] = PoolCore(t, self.config.pool_target(t) if t in self.config.sandbox_types else 0)
         return p
 
-    def plan_starts(self, nodes: list[NodeView], now: float) -> list[ContainerModel]:
+    def plan_starts(self, nodes: list[NodeView], now: Optional[float] = None) -> list[ContainerModel]:
         """STARTING records for every type's deficit, placed on ``nodes`` (views this call updates
-        as it places). Cold starts waiting for a slot go first: call :meth:`admit` before."""
+        as it places). Cold starts waiting for a slot go first: call :meth:`admit` before.
+        ``now``: this core's clock (the one a failed start's back-off was set with), by default."""
+        now = self.clock() if now is None else now
         out = []
         if self.lines.slots:
             return out  # a slot that frees goes to the line, not to a refill
@@ -629,8 +631,10 @@ class RegistryCore:
                 out.append(rec)
         return out
 
-    def plan_shrink(self, now: float) -> list[Teardown]:
-        """Warm sandboxes beyond the target (once the surplus has lasted), newest first."""
+    def plan_shrink(self, now: Optional[float] = None) -> list[Teardown]:
+        """Warm sandboxes beyond the target (once the surplus has lasted), newest first.
+        ``now``: this core's clock, by default."""
+        now = self.clock() if now is None else now
         out = []
         for t, pool in self.pools.items():
             n = pool.shrink(self.warm_count(t), self.lines.warm_waiting(t), now)

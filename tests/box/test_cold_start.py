@@ -22,22 +22,10 @@ from _box_helpers import AUTH, TOKEN, api_client, process_alive
 
 from corral.box.runtime import BoxRuntime
 from corral.errors import SandboxError
+from tests.support.images import HIDE_IPYKERNEL
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
-#: A sitecustomize that hides ipykernel from the interpreters that load it (as an image without
-#: ipykernel would), while everything the box itself imports still loads.
-HIDE_IPYKERNEL = """\
-import sys
-
-class _Hide:
-    def find_spec(self, name, path=None, target=None):
-        if name == "ipykernel" or name.startswith("ipykernel."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, _Hide())
-"""
 
 
 def hiding_dir(tmp_path: Path) -> Path:

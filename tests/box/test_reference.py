@@ -1,4 +1,4 @@
-"""Replay of the reference's in-sandbox requests (seed-protocol.md §5) against the /fastapi routes.
+"""Replay of the reference's in-sandbox requests (docs/box-api.md) against the /fastapi routes.
 
 Each test sends what the reference's clients send and checks the exact
 response shape they parse. The three /fastapi/mcp routes are replayed in

@@ -9,18 +9,11 @@ import time
 import pytest
 
 import corral
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
 
-def wait_for(pred, timeout=60.0, every=0.2, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def nodes_of(m, state="WARM"):

@@ -159,3 +159,23 @@ async def test_a_reset_rotates_the_token_and_a_restart_takes_the_rotated_one(dri
     again = await driver.inspect(h.container_id)
     assert (await http.get(f"{again.url}/v1/healthz", headers=_auth(rotated))).status_code == 200
     assert (await http.get(f"{again.url}/v1/healthz", headers=_auth())).status_code == 401
+
+
+async def test_boxes_started_at_once_on_a_busy_loop_all_get_their_token(driver, sandboxes, http, image):
+    """Each token is in its box's hands however the driver's event loop is scheduled: six starts at
+    once while the loop is kept busy between them all answer their own token."""
+    stop = asyncio.Event()
+
+    async def busy() -> None:  # turns of the loop that hold it a few ms each, as a loaded actor's would
+        while not stop.is_set():
+            sum(range(50_000))
+            await asyncio.sleep(0)
+
+    hog = asyncio.ensure_future(busy())
+    try:
+        handles = await asyncio.gather(*(sandboxes.create(_spec(_name(f"busy{i}"), image)) for i in range(6)))
+    finally:
+        stop.set()
+        await hog
+    for h in handles:
+        assert (await _shell(http, h.url, "echo mine"))["stdout"] == "mine\n"

@@ -13,25 +13,13 @@ import pytest
 import corral
 from corral.drivers.base import ContainerSpec
 from tests.support.docker import unique_name
+from tests.support.images import HIDE_IPYKERNEL
 
 pytestmark = pytest.mark.docker
 
 TOKEN = "docker-cold-test-token-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
-#: Hides ipykernel from the interpreters that load it, as an image without it would (the box's own
-#: imports still load).
-HIDE_IPYKERNEL = """\
-import sys
-
-class _Hide:
-    def find_spec(self, name, path=None, target=None):
-        if name == "ipykernel" or name.startswith("ipykernel."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, _Hide())
-"""
 
 
 def _spec(image: str, **kw) -> ContainerSpec:

@@ -15,6 +15,7 @@ import pytest
 from corral.drivers import ContainerSpec
 
 from tests.support import docker as testkit
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.ray]
 
@@ -31,14 +32,6 @@ def docker_manager(docker_ready, make_manager):
     return make
 
 
-def wait_for(pred, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _exists(client, name) -> bool:

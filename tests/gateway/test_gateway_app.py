@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -31,13 +32,6 @@ async def data(client, token, op, **args):
     return body["data"]
 
 
-def wait_for(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_health_is_open_and_every_other_route_needs_a_valid_token(backend, make_app, tokens):
@@ -351,7 +345,7 @@ async def test_the_proxy_remembers_a_route_and_looks_again_when_the_box_refuses_
     # released behind this gateway's back (another gateway, a reaper): the reset gives the box a new
     # token, the box refuses the remembered one, and the gateway looks again: no longer tenant a's
     await asyncio.to_thread(backend.release, name)
-    await asyncio.to_thread(wait_for, lambda: backend.get_info(name)["state"] == "WARM", 60, "the reset")
+    await asyncio.to_thread(wait_for, lambda: backend.get_info(name)["state"] == "WARM", 60, 0.1, "the reset")
     r = await c.post(f"/proxy/{name}/v1/shell", json={"command": "echo stale"}, headers=auth)
     assert r.status_code == 404, r.text
     assert lookups == ["get_info", "get_info"]

@@ -12,22 +12,10 @@ import pytest
 
 import corral
 from corral.models import SandboxTypeConfig
+from tests.support.images import HIDE_IPYKERNEL
 
 pytestmark = pytest.mark.ray
 
-#: Hides ipykernel from the interpreters that load it, as an image without it would; the box's own
-#: imports still load (see tests/box/test_cold_start.py).
-HIDE_IPYKERNEL = """\
-import sys
-
-class _Hide:
-    def find_spec(self, name, path=None, target=None):
-        if name == "ipykernel" or name.startswith("ipykernel."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, _Hide())
-"""
 
 
 def _kernel_info(sb) -> dict:

@@ -18,20 +18,13 @@ import pytest
 
 from corral.errors import StorageError
 from tests.support.oss_server import BUCKET, KEY_ID, SECRET, Fault, OSSServer, oss_config
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.ray
 
 FOLDER = "corral/sessions"
 
 
-def wait_for(pred, timeout=60.0, every=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _require_docker() -> None:

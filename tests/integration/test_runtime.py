@@ -17,18 +17,11 @@ import pytest
 
 import corral
 from corral.models import SandboxTypeConfig
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.ray
 
 
-def wait_for(pred, timeout=30.0, every=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def box_alive(m, name) -> bool:

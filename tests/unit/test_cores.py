@@ -376,6 +376,23 @@ def test_plan_starts_fills_deficits_on_the_nodes_with_room_and_pinned_waiters_on
     assert sorted(r.node_id for r in idle.plan_starts(fresh, now=0)) == ["n1", "n2"]
 
 
+def test_refills_resume_after_the_back_off_of_failed_starts_on_the_cores_own_clock():
+    reg, clock = make_registry(pool_size=2)
+    nodes = lambda: [NodeView("n1", capacity=10, start_limit=8)]  # noqa: E731
+    first = reg.plan_starts(nodes())
+    assert len(first) == 2
+    for rec in first:
+        reg.start_failed(rec.container_name)  # a broken start, twice: back-off of 1 s
+    assert reg.plan_starts(nodes()) == []
+    clock.advance(0.5)
+    assert reg.plan_starts(nodes()) == []  # still backing off
+    clock.advance(0.6)
+    again = reg.plan_starts(nodes())
+    assert len(again) == 2  # the pool refills again
+    reg.started(again[0].container_name, "cid-1", "http://127.0.0.1:1", [1])
+    assert reg.pool("base").failures == 0
+
+
 def test_plan_starts_respects_the_instance_limit_and_slot_waiters_go_first():
     reg, _ = make_registry(pool_size=5, max_sandbox_instances=2)
     nodes = [NodeView("n1", capacity=10, start_limit=10)]

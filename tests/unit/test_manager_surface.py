@@ -10,7 +10,7 @@ from corral.manager import OPERATIONS, AsyncSandbox, Sandbox, SandboxManager
 from corral.manager._async.ops import AsyncOps
 from corral.manager._sync.ops import Ops
 
-#: The reference's operations (shared/reference/seed-protocol.md, section 2) and their arguments.
+#: The reference's operations and their arguments (the names and keyword arguments its users call).
 REFERENCE = {
     "create": ["sandbox_type", "mount_dir", "storage_path", "environment", "meta"],
     "create_from_pool": ["sandbox_type", "meta"],
