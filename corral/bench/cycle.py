@@ -931,10 +931,9 @@ def sweep_table(result: dict) -> str:
 
 def write_sweep_figure(result: dict, path: str) -> None:
     """Cycles/s and start latency against the start limit."""
-    import matplotlib
+    from corral.bench.rollout import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["sweep"]
     xs = [r["max_starting_per_node"] for r in rows]
@@ -1034,22 +1033,17 @@ def targets(result: dict) -> list[str]:
 
 def write_figure(result: dict, path: str) -> None:
     """Cycles/s, latency percentiles and CPU per start per system, as a PNG."""
-    try:
-        import matplotlib
-    except ImportError:  # pragma: no cover - matplotlib comes with the notebooks extra
-        raise RuntimeError("corral bench draws its figure with matplotlib: pip install 'corral[notebooks]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from corral.bench.rollout import bar_panel, pyplot
+
+    plt = pyplot()
 
     systems = result["systems"]
     names = list(systems)
     colors = {"destroy": "#e9c46a", "reuse": "#2a9d8f", "bare": "#8d99ae", "reference": "#e76f51"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1, 1.6, 1]})
     ax = axes[0]
-    vals = [systems[n].get("cycles_per_s") or 0 for n in names]
-    bars = ax.bar(names, vals, color=[colors.get(n, "grey") for n in names])
-    ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=8)
-    ax.set_title("cycles / s (higher is better)")
+    bar_panel(ax, names, [systems[n].get("cycles_per_s") or 0 for n in names], colors, "{:.3g}",
+              "cycles / s (higher is better)")
     ax = axes[1]
     metrics = [("acquire_ms", "p50"), ("acquire_ms", "p99"), ("first_shell_ms", "p50"), ("release_ms", "p50")]
     width = 0.8 / max(1, len(names))
@@ -1063,10 +1057,8 @@ def write_figure(result: dict, path: str) -> None:
     ax.grid(axis="y", which="both", alpha=0.25)
     ax.legend(fontsize=7)
     ax = axes[2]
-    cpu = [systems[n].get("cpu_s_per_start") or 0 for n in names]
-    bars = ax.bar(names, cpu, color=[colors.get(n, "grey") for n in names])
-    ax.bar_label(bars, labels=[f"{v:.2f}" for v in cpu], fontsize=8)
-    ax.set_title("CPU s per started sandbox (whole machine)")
+    bar_panel(ax, names, [systems[n].get("cpu_s_per_start") or 0 for n in names], colors, "{:.2f}",
+              "CPU s per started sandbox (whole machine)")
     pr, mc = result["params"], result["machine"]
     fig.suptitle(f"corral bench --workload cycle: {pr['workers']} threads x {pr['duration']:g} s, pool "
                  f"{pr['pool_size']}, driver {pr['driver']}  |  {mc['cpu_count']} CPU {mc['cpu_model']}, "
@@ -1119,23 +1111,14 @@ def params_from_args(args: argparse.Namespace) -> CycleParams:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``corral bench --workload cycle``: start (or join) Ray, run, print the table and the targets."""
-    import importlib.util
-
     import ray
 
-    from corral.errors import InvalidRequest
+    from corral.bench.rollout import join_or_start_ray, require_matplotlib
 
-    if importlib.util.find_spec("matplotlib") is None:
-        raise InvalidRequest("corral bench draws its figure with matplotlib, which is not installed: "
-                             "pip install 'corral[notebooks]' (or matplotlib)")
+    require_matplotlib()
     p = params_from_args(args)
-    started = False
-    if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-        # the machine's own CPU count: corral's default start limit is read from the node's CPUs
-        kw = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False} if address == "local" else {}
-        ray.init(address=address, log_to_driver=False, **kw)
-        started = True
+    # the machine's own CPU count: corral's default start limit is read from the node's CPUs
+    started = join_or_start_ray(args, num_cpus=os.cpu_count() or 1)
     try:
         print(f"corral bench --workload cycle: {p.workers} threads x {p.duration:g} s, pool {p.pool_size}, driver "
               f"{p.driver}; systems {', '.join(p.systems)}", file=sys.stderr, flush=True)

@@ -575,14 +575,54 @@ def machine_info() -> dict:
     }
 
 
-def write_figure(result: dict, path: str) -> None:
-    """Episodes/s bars and acquire / tool / release percentiles per system (log scale), as a PNG."""
+def require_matplotlib() -> None:
+    """Before minutes of work, not after: the figure needs matplotlib."""
+    import importlib.util
+
+    from corral.errors import InvalidRequest
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InvalidRequest("corral bench draws its figure with matplotlib, which is not installed: "
+                             "pip install 'corral[notebooks]' (or matplotlib)")
+
+
+def join_or_start_ray(args: argparse.Namespace, num_cpus: int) -> bool:
+    """Join ``--address`` (or RAY_ADDRESS), else start a local Ray cluster of ``num_cpus`` CPUs;
+    True when this call started one (the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    kw = {"num_cpus": num_cpus, "include_dashboard": False} if address == "local" else {}
+    print(f"corral bench: {'starting a local Ray cluster' if address == 'local' else 'joining ' + address} ...",
+          file=sys.stderr, flush=True)
+    ray.init(address=address, log_to_driver=False, **kw)
+    return True
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg back end (files only), or a clear error without matplotlib."""
     try:
         import matplotlib
     except ImportError:  # pragma: no cover - matplotlib comes with the notebooks extra
         raise RuntimeError("corral bench draws its figure with matplotlib: pip install 'corral[notebooks]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_panel(ax: Any, names: list[str], vals: list[float], colors: dict, fmt: str, title: str) -> None:
+    """One labelled bar per system."""
+    bars = ax.bar(names, vals, color=[colors.get(n, "grey") for n in names])
+    ax.bar_label(bars, labels=[fmt.format(v) for v in vals], fontsize=8)
+    ax.set_title(title)
+
+
+def write_figure(result: dict, path: str) -> None:
+    """Episodes/s bars and acquire / tool / release percentiles per system (log scale), as a PNG."""
+    plt = pyplot()
 
     systems = result["systems"]
     names = list(systems)
@@ -591,10 +631,8 @@ def write_figure(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.8), gridspec_kw={"width_ratios": [1, 1.3, 1.3, 1.3]})
     ax = axes[0]
     eps_names = [n for n in names if "episodes_per_s" in systems[n]]
-    vals = [systems[n]["episodes_per_s"] or 0 for n in eps_names]
-    bars = ax.bar(eps_names, vals, color=[colors.get(n, "grey") for n in eps_names])
-    ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=8)
-    ax.set_title("episodes / s (higher is better)")
+    bar_panel(ax, eps_names, [systems[n]["episodes_per_s"] or 0 for n in eps_names], colors, "{:.3g}",
+              "episodes / s (higher is better)")
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     pcts = ("p50", "p95", "p99")
     width = 0.8 / max(1, len(names))
@@ -785,28 +823,15 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``corral bench``: start (or join) Ray once, run, print the table and the targets, stop what it started."""
-    import importlib.util
-
     import ray
-
-    from corral.errors import InvalidRequest
 
     if getattr(args, "workload", "rollout") == "cycle":
         from corral.bench import cycle
 
         return cycle.run_cli(args)
-    if importlib.util.find_spec("matplotlib") is None:  # before minutes of work, not after
-        raise InvalidRequest("corral bench draws its figure with matplotlib, which is not installed: "
-                             "pip install 'corral[notebooks]' (or matplotlib)")
+    require_matplotlib()
     p = params_from_args(args)
-    started = False
-    if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-        kw = {"num_cpus": 4, "include_dashboard": False} if address == "local" else {}
-        print(f"corral bench: {'starting a local Ray cluster' if address == 'local' else 'joining ' + address} ...",
-              file=sys.stderr, flush=True)
-        ray.init(address=address, log_to_driver=False, **kw)
-        started = True
+    started = join_or_start_ray(args, num_cpus=4)
     try:
         print(f"corral bench: {p.workers} workers x {p.episodes} episodes x {p.calls} tool calls, think "
               f"{p.think_ms:g} ms, driver {p.driver}; systems {', '.join(p.systems)}", file=sys.stderr, flush=True)
