@@ -119,9 +119,9 @@ def run(runs: int = 3, big_mib: int = 64, small: int = 2000, small_kib: int = 4,
 
 def release_phase(mib: int, log: Callable[[str], None] = lambda s: None) -> dict:
     """What a synced release costs a reuse pool: a session writes ``mib`` MiB into its workspace
-    and is released; timed are the release call, the next acquire on a pool of one (whose only
-    sandbox is busy with the upload and reset) and on a pool of two (a warm one is there), and
-    the upload until its manifest (written last) is in the bucket. Process driver, the OSS test server,
+    and is released; timed are the release call, the next acquire (on a pool of one and of two,
+    each refilled while the writing session ran), and the upload until its manifest (written
+    last) is in the bucket. Process driver, the OSS test server,
     a local Ray cluster of this process."""
     from corral import SandboxManager, SandboxManagerEnvConfig, SandboxTypeConfig
     from corral.manager import down

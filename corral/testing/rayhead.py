@@ -44,7 +44,8 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def _cmdline(p: psutil.Process) -> str:
+def cmdline(p: psutil.Process) -> str:
+    """A process's command line as one string ('' when it is gone or closed to us)."""
     try:
         return " ".join(p.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -55,7 +56,7 @@ def processes_naming(marker: str) -> dict[int, psutil.Process]:
     """Processes whose command line names ``marker`` (a temp dir), and all their descendants."""
     out: dict[int, psutil.Process] = {}
     for p in psutil.process_iter():
-        if marker in _cmdline(p):
+        if marker in cmdline(p):
             out[p.pid] = p
             try:
                 for c in p.children(recursive=True):
@@ -81,6 +82,13 @@ def stop_processes(procs: dict[int, psutil.Process], timeout: float = 15.0) -> s
             pass
     psutil.wait_procs(alive, timeout=5)
     return set(procs)
+
+
+def stop_head(marker: str, timeout: float = 15.0) -> set[int]:
+    """End, by pid, the processes of the Ray head whose temp dir is ``marker``, with a second pass
+    for workers its raylet started meanwhile; returns the pids signaled."""
+    signaled = stop_processes(processes_naming(marker), timeout)
+    return signaled | stop_processes(processes_naming(marker), timeout=5)
 
 
 def ray_env(extra: Optional[dict] = None) -> dict:
@@ -167,9 +175,7 @@ class RayHead:
 
     def stop(self, remove: bool = True) -> set[int]:
         """End this head's processes by pid (a second pass for workers started meanwhile)."""
-        signaled = stop_processes(processes_naming(self.temp_dir))
-        late = processes_naming(self.temp_dir)
-        signaled |= stop_processes(late, timeout=5)
+        signaled = stop_head(self.temp_dir)
         if remove:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         return signaled

@@ -22,7 +22,6 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from corral.testing.rayhead import cmdline, free_ports, stop_head
+from corral.testing.rayhead import processes_naming as head_processes
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_DIR = REPO / "examples" / "ray_job"
@@ -40,48 +41,6 @@ if not RAY_CLI.exists():
     RAY_CLI = Path(shutil.which("ray") or RAY_CLI)
 
 pytestmark = pytest.mark.skipif(not RAY_CLI.exists(), reason="the `ray` CLI is not installed (ray job submit needs it)")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (all held at once so none repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def cmdline(p: psutil.Process) -> str:
-    try:
-        return " ".join(p.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return ""
-
-
-def head_processes(marker: str) -> dict[int, psutil.Process]:
-    """The processes of the head whose temp dir is ``marker``: those naming it, and all their descendants.
-
-    gcs_server, raylet, dashboard, monitor, log monitor and client server carry
-    the temp dir on their command lines; the dashboard's module processes, the
-    agents, the workers (hence the job's supervisor and driver) are their
-    descendants.
-    """
-    out: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter():
-        if marker in cmdline(p):
-            out[p.pid] = p
-            try:
-                for c in p.children(recursive=True):
-                    out[c.pid] = c
-            except psutil.NoSuchProcess:
-                pass
-    out.pop(os.getpid(), None)  # never ourselves (our own command line could name the path)
-    return out
 
 
 def other_clusters(marker: str) -> dict[int, str]:
@@ -96,32 +55,6 @@ def other_clusters(marker: str) -> dict[int, str]:
             except psutil.NoSuchProcess:
                 pass
     return out
-
-
-def stop_head(marker: str, timeout: float = 15.0) -> set[int]:
-    """SIGTERM, then SIGKILL, the head's processes, by pid; returns the pids it signaled."""
-    procs = head_processes(marker)
-    for p in procs.values():
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    # Workers started while we were killing (the raylet may have spawned one): a second pass.
-    late = head_processes(marker)
-    for p in late.values():
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(list(late.values()), timeout=5)
-    return set(procs) | set(late)
 
 
 def boxes_left(state_root: Path) -> list:
