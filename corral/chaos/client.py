@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -32,6 +33,9 @@ def main(argv: list[str]) -> int:
 
     from corral import SandboxManager, SandboxManagerEnvConfig
 
+    # Ctrl-C as in a terminal, whoever started this process: a process started in the background by
+    # a shell without job control (a CI runner, nohup ... &) inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     mode, raw = argv[0], json.loads(argv[1])
     cfg = SandboxManagerEnvConfig.model_validate(raw)
     if mode == "read":
