@@ -1,11 +1,12 @@
 """Starts: the sandboxes the registry has asked pools to start, and what came back.
 
-What it owns: the names of starts sent and not yet answered (a reconciliation must not take
-them for orphans), the futures of callers waiting for a particular start (a cold create, a
-restore) and their per-call environments. It turns STARTING records into one ``start`` call per
-pool, and each outcome into a transition of the registry's core (``started``, ``start_failed``),
-after which sandboxes that turned warm go to the callers waiting for one. Part of the
-RegistryActor (``reg``), split out by concern; it runs on the registry's event loop.
+What it owns: the names of starts sent and not yet answered (a reconciliation must not take them
+for orphans; a drain waits until there are none: :attr:`idle`), the futures of callers waiting for
+a particular start (a cold create, a restore) and their per-call environments. It turns STARTING
+records into one ``start`` call per pool, and each outcome into a transition of the registry's
+core (``started``, ``start_failed``), after which sandboxes that turned warm go to the callers
+waiting for one. Part of the RegistryActor (``reg``), split out by concern; it runs on the
+registry's event loop.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Starts:
     def __init__(self, reg: "RegistryActor") -> None:
         self.reg = reg
         self.dispatched: set[str] = set()  # sent to a pool, outcome not yet back
+        self.idle = asyncio.Event()  # set while nothing is dispatched
+        self.idle.set()
         self._futs: dict[str, asyncio.Future] = {}  # starts a caller awaits (create, restore)
         self._env: dict[str, dict] = {}  # per-call environment of such starts
 
@@ -57,7 +60,7 @@ class Starts:
             item = {"record": rec.model_dump(mode="json"), "spec": self.spec(rec),
                     "download": download or ("optional" if rec.storage_path else None)}
             groups.setdefault((rec.sandbox_type, self.reg.core.node_of(rec)), []).append(item)
-            self.dispatched.add(rec.container_name)
+            self._sent([rec.container_name])
         for (t, node), items in groups.items():
             pool = self.reg.nodes.pool(t, node)
             if pool is None:
@@ -68,8 +71,18 @@ class Starts:
     def fail(self, names: list[str], why: str) -> None:
         """Starts that cannot happen (their node is gone): failed, not counted against the type."""
         for name in names:
-            self.dispatched.discard(name)
+            self._done(name)
             self.outcome({"name": name, "ok": False, "error": SandboxGone(why).to_dict()}, counts=False)
+
+    def _sent(self, names: list[str]) -> None:
+        self.dispatched.update(names)
+        if self.dispatched:
+            self.idle.clear()
+
+    def _done(self, name: str) -> None:
+        self.dispatched.discard(name)
+        if not self.dispatched:
+            self.idle.set()
 
     def on_node(self, node: str) -> list[str]:
         core = self.reg.core
@@ -87,7 +100,7 @@ class Starts:
 
     async def collect(self, pool: PoolHandle, names: list[str]) -> None:
         """Starts a pool was making when this registry (re)started: their outcome, when it comes."""
-        self.dispatched.update(names)
+        self._sent(names)
         try:
             results = await pool.collect(names)
         except ActorGone as e:
@@ -96,11 +109,11 @@ class Starts:
 
     async def _apply(self, results: list[dict], counts: bool) -> None:
         for r in results:
-            self.dispatched.discard(r["name"])
+            self._done(r["name"])
             self.outcome(r, counts)
         await self.reg.commit()
         for t in self.reg.config.sandbox_types:
-            self.reg.hand_off(t)
+            self.reg.callers.hand_off(t)
         self.reg.kick()
 
     def outcome(self, r: dict, counts: bool) -> None:

@@ -75,7 +75,7 @@ class Teardowns:
             elif rec is not None:
                 failed.append(Teardown(td.record, "destroy"))
         await reg.commit()
-        reg.hand_off(pool.sandbox_type)
+        reg.callers.hand_off(pool.sandbox_type)
         if failed:
             await self._teardowns(pool, failed)
         reg.kick()

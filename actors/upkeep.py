@@ -3,9 +3,10 @@
 What it owns: the node-table follow-up (nodes that come and go, a machine that came back under a
 new node id after a Ray restart, records of nodes that never come back), a long poll per node on
 its engine's events, the periodic reconciliation of each node's containers with the records, and
-the health probes of warm sandboxes. It decides nothing itself: the registry's core does
-(``node_lost``, ``move_node``, ``reconcile``, ``probed``); this carries the calls and the
-outcomes. Part of the RegistryActor (``reg``), split out by concern.
+the health probes of warm sandboxes. It decides nothing itself: the registry's cores do
+(``node_lost``, ``move_node``, ``reconcile``, ``engine_stopped``; ``RefillCore.probed`` and
+``replace_loopback``); this carries the calls and the outcomes. Part of the RegistryActor
+(``reg``), split out by concern.
 """
 
 from __future__ import annotations
@@ -63,9 +64,7 @@ class Upkeep:
     def _replace_loopback(self) -> None:
         """Other nodes joined: a warm sandbox listening on loopback is out of their reach. It is
         replaced by one on the node's address; sandboxes in use stay with their sessions."""
-        core = self.reg.core
-        tds = [td for r in core.by_state(S.WARM) if (r.url or "").startswith("http://127.0.0.1")
-               for td in [core.release(r.container_name)] if td is not None]
+        tds = self.reg.refill.replace_loopback()
         if tds:
             logger.info("the cluster has several nodes now: replacing %d warm sandboxes that listen on "
                         "127.0.0.1 only", len(tds))
@@ -121,21 +120,9 @@ class Upkeep:
                 self._engine_dead(node, dead)
 
     def _engine_dead(self, node: str, names: list[str]) -> None:
-        reg, core = self.reg, self.reg.core
-        tds = []
-        for name in names:
-            rec = core.records.get(name)
-            if rec is None or core.node_of(rec) != node or name in reg.stopped:
-                continue
-            if rec.state == S.WARM:
-                td = core.release(name)
-            elif rec.state == S.RUNNING:
-                td = core.mark_lost(name)
-                reg.outbox.put(*reg.sessions.ended(rec.session_ctx_id, name))
-            else:
-                continue
-            if td is not None:
-                tds.append(td)
+        reg = self.reg
+        tds, left = reg.core.engine_stopped(node, names)
+        reg.outbox.put(*[m for s, n in left for m in reg.sessions.ended(s, n)])
         if tds:
             logger.warning("the engine of node %s stopped %d sandboxes", node[:12], len(tds))
             reg.outbox.put(*[("teardown", td) for td in tds])
@@ -193,7 +180,7 @@ class Upkeep:
             results = await pool.probe(warm)
         except (ActorGone, asyncio.TimeoutError):
             return
-        tds = reg.core.probed(pool.sandbox_type, results)
+        tds = reg.refill.probed(pool.sandbox_type, results)
         if tds:
             for td in tds:
                 logger.warning("warm sandbox %s failed its health checks; replacing it", td.record.container_name)

@@ -1,10 +1,11 @@
 """WaitLines: who waits for a sandbox, in arrival order. Plain Python, no Ray, no I/O.
 
-What it owns: the acquirers waiting for a warm sandbox of each type, and the
+What it owns: the acquirers waiting for a warm sandbox of each type, the
 callers waiting for an instance slot (a cold create or a restore at
-``max_sandbox_instances``). Each waiter is known by an id the shell chose; the
+``max_sandbox_instances``), and the reserves waiting until enough of a type
+are warm. Each waiter is known by an id the shell chose; the
 shell keeps its own futures keyed by that id and resolves them with what
-:class:`~corral.core.registry.RegistryCore` decides (``hand_off``, ``admit``).
+:class:`~corral.core.acquire.AcquireCore` decides (``hand_off``, ``admit``, ``ready``).
 
 A new request never overtakes a waiter: while a type has waiters, an acquire
 of that type joins the end of the line even when a sandbox just turned warm.
@@ -16,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["WaitLines", "WarmWaiter", "SlotWaiter"]
+__all__ = ["WaitLines", "WarmWaiter", "SlotWaiter", "ReadyWaiter"]
 
 
 @dataclass
@@ -38,6 +39,15 @@ class SlotWaiter:
     request: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class ReadyWaiter:
+    """A reserve waiting until ``want`` sandboxes of ``sandbox_type`` are warm."""
+
+    wid: int
+    sandbox_type: str
+    want: int
+
+
 class WaitLines:
     """The FIFO lines (see the module docstring). Every operation is O(1) but ``cancel``
     of a waiter that is not at the head, which is O(1) too thanks to the ordered dicts."""
@@ -45,6 +55,7 @@ class WaitLines:
     def __init__(self) -> None:
         self.warm: dict[str, OrderedDict[int, WarmWaiter]] = {}
         self.slots: OrderedDict[int, SlotWaiter] = OrderedDict()
+        self.ready: dict[int, ReadyWaiter] = {}
 
     # -- warm -------------------------------------------------------------------
 
@@ -75,11 +86,16 @@ class WaitLines:
     def pop_slot(self) -> Optional[SlotWaiter]:
         return self.slots.popitem(last=False)[1] if self.slots else None
 
-    # -- both -------------------------------------------------------------------
+    # -- reserves ---------------------------------------------------------------
+
+    def wait_ready(self, waiter: ReadyWaiter) -> None:
+        self.ready[waiter.wid] = waiter
+
+    # -- all lines ----------------------------------------------------------------
 
     def cancel(self, wid: int) -> bool:
         """Take a waiter out of whichever line it is in (its wait timed out); False if gone."""
-        if self.slots.pop(wid, None) is not None:
+        if self.slots.pop(wid, None) is not None or self.ready.pop(wid, None) is not None:
             return True
         for line in self.warm.values():
             if line.pop(wid, None) is not None:
@@ -91,8 +107,9 @@ class WaitLines:
 
     def drain(self) -> list[int]:
         """Every waiter's id, lines emptied (the namespace is shutting down)."""
-        ids = list(self.slots)
+        ids = list(self.slots) + list(self.ready)
         self.slots.clear()
+        self.ready.clear()
         for line in self.warm.values():
             ids.extend(line)
             line.clear()

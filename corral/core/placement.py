@@ -5,7 +5,8 @@ one node at a tick (its capacity, its sandboxes, its starts in flight), and
 :func:`place` decides where ``n`` new sandboxes go: the node with the most
 free capacity first, never beyond a node's capacity (``max_sandboxes_per_node``)
 or its starts at once (``max_starting_per_node``), so a burst spreads over the
-cluster instead of thrashing one node's CPUs.
+cluster instead of thrashing one node's CPUs. :func:`node_pref` reads the node
+a request names.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-__all__ = ["NodeView", "place", "default_capacity", "default_start_limit", "START_FACTOR"]
+__all__ = ["NodeView", "place", "node_pref", "default_capacity", "default_start_limit", "START_FACTOR"]
 
 
 @dataclass
@@ -78,3 +79,13 @@ def place(n: int, nodes: Iterable[NodeView], prefer: Optional[str] = None) -> li
         views[nid][1] -= 1
         views[nid][2] += 1
     return out
+
+
+def node_pref(node: Optional[str]) -> tuple[Optional[str], bool]:
+    """(node to look on first, only there?) for a request's ``node``: None or "any" -> anywhere;
+    "local:<id>" -> that node first, then anywhere; a node id -> only there."""
+    if not node or node == "any":
+        return None, False
+    if node.startswith("local:"):
+        return node[len("local:"):] or None, False
+    return node, True

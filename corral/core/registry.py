@@ -9,15 +9,22 @@ What it owns:
 - the count of sandboxes in counted states (STARTING, WARM, RUNNING,
   RESETTING) that ``max_sandbox_instances`` caps;
 - the wait lines (:class:`~corral.core.lines.WaitLines`): acquirers waiting
-  for a warm sandbox, cold starts waiting for a slot;
+  for a warm sandbox, cold starts waiting for a slot, reserves waiting for a
+  warm pool (which of them gets what is :class:`~corral.core.acquire.AcquireCore`'s);
 - one :class:`~corral.core.pool.PoolCore` per type: targets, back-off,
-  shrink and health strikes.
+  shrink and health strikes;
+- the sandboxes stopped on request (the reference's ``stop``): not lost when
+  their engine reports them stopped.
 
 The RegistryActor wraps this class, runs one call at a time on its event
-loop, and carries out what it decides: which waiter gets which sandbox
-(:meth:`hand_off`, :meth:`admit`), which sandboxes to start and on which node
-(:meth:`plan_starts`), what to tear down (:class:`Teardown`), what a node's
-containers mean (:meth:`reconcile`). Nothing else writes a record.
+loop, and carries out what it decides: what to tear down (:class:`Teardown`)
+after a release or a reap, what a node's containers mean (:meth:`reconcile`,
+:meth:`engine_stopped`, :meth:`node_lost`), how a sandbox is restored
+(:meth:`restore_request`), what a new configuration is (:meth:`plan_config`).
+Two cores decide over these records and lines beside it:
+:class:`~corral.core.acquire.AcquireCore` (who gets a sandbox, who waits) and
+:class:`~corral.core.refill.RefillCore` (which sandboxes to start, shrink or
+replace, and where). Nothing else writes a record.
 
 No Ray, no Docker, no I/O; the clock is injected. Transitions raise corral
 errors (``NotFound``, ``Conflict``) for impossible requests and are idempotent
@@ -40,7 +47,7 @@ from typing import Callable, Iterable, Optional
 
 import shortuuid
 
-from corral.errors import Conflict, InvalidRequest, NotFound
+from corral.errors import Conflict, CorralError, InvalidRequest, NotFound
 from corral.models import (
     ACTIVE_STATES,
     LABEL_NAME,
@@ -50,8 +57,8 @@ from corral.models import (
     SandboxManagerEnvConfig,
 )
 
-from .lines import SlotWaiter, WaitLines, WarmWaiter
-from .placement import NodeView, place
+from .lines import WaitLines
+from .placement import NodeView
 from .pool import PoolCore
 
 __all__ = ["RegistryCore", "Teardown", "ReconcilePlan", "COUNTED_STATES", "SNAPSHOT_VERSION", "AUTO_SESSION_PREFIX"]
@@ -118,6 +125,7 @@ class RegistryCore:
         self.pools: dict[str, PoolCore] = {
             t: PoolCore(t, config.pool_target(t)) for t in config.sandbox_types
         }
+        self.stopped: set[str] = set()  # sandboxes stopped on request: their engine's report is no loss
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
         self._dumps: dict[str, dict] = {}  # name -> the JSON dict written by the last commit
@@ -404,6 +412,51 @@ class RegistryCore:
             return None  # a RECYCLED or LOST record has no container left
         return Teardown(_snapshot(rec), "destroy", upload)
 
+    def release_many(self, identities: list) -> tuple[list, list[Teardown], list[tuple[Optional[str], str]]]:
+        """:meth:`release` of each identity, reset for reuse when its type reuses sandboxes. Returns
+        one answer per identity (True, or the corral error of a bad identity), the teardowns, and
+        the (session, name) of every sandbox found (what its session actor is told)."""
+        answers: list = []
+        tds: list[Teardown] = []
+        left: list[tuple[Optional[str], str]] = []
+        for identity in identities:
+            try:
+                rec = self.find(identity)
+            except CorralError as e:
+                answers.append(e)
+                continue
+            answers.append(True)
+            if rec is None:
+                continue
+            live = self.get(rec.container_name)
+            left.append((live.session_ctx_id, live.container_name))
+            td = self.release(identity, reuse=self.config.sandbox_type(live.sandbox_type).reuse)
+            if td is not None:
+                tds.append(td)
+        return answers, tds, left
+
+    def release_all(self) -> tuple[list[str], list[Teardown], list[tuple[Optional[str], str]]]:
+        """Every sandbox with a container is destroyed (the namespace shutting down); RECYCLED and
+        LOST records are released too, so nothing restores them. Returns the names destroyed,
+        their teardowns and the (session, name) of each."""
+        names = [r.container_name for r in self.by_state(S.STARTING, S.WARM, S.RUNNING, S.RESETTING)]
+        tds: list[Teardown] = []
+        left = []
+        for n in names:
+            left.append((self.records[n].session_ctx_id, n))
+            td = self.release(n, reuse=False, force=True)
+            if td is not None:
+                tds.append(td)
+        for r in self.by_state(S.RECYCLED, S.LOST):
+            self.release(r.container_name)
+        return names, tds, left
+
+    def abandon_resets(self) -> list[Teardown]:
+        """After a restart: a reset cut off midway may have given its box a token no record holds,
+        so every RESETTING sandbox is destroyed."""
+        tds = [self.release(r.container_name, force=True) for r in self.by_state(S.RESETTING)]
+        return [td for td in tds if td is not None]
+
     def reset_done(self, name: str, ok: bool, token: Optional[str] = None) -> Optional[ContainerModel]:
         """RESETTING -> WARM with its new token (back in the pool), or RELEASED (the reset failed)."""
         rec = self.records.get(name)
@@ -436,6 +489,17 @@ class RegistryCore:
             self.records[n] for n in self.sessions.get(session, [])
             if n in self.records and self.records[n].state in (S.RECYCLED, S.LOST)
         ]
+
+    def restore_request(self, old: ContainerModel, live_nodes: Iterable[str]) -> tuple[dict, Optional[str]]:
+        """How a RECYCLED or LOST record comes back: the cold start's request (its type, session,
+        meta, workspace; on its old node when that node lives and kept the workspace, a RECYCLED
+        record's) and what its start downloads ("expected" when the workspace was synced)."""
+        node = self.node_of(old)
+        here = node in set(live_nodes) and old.state == S.RECYCLED
+        request = dict(sandbox_type=old.sandbox_type, session_ctx_id=old.session_ctx_id,
+                       meta={k: v for k, v in (old.meta or {}).items() if k != "session_ctx_id"},
+                       mount_dir=old.mount_dir, storage_path=old.storage_path, prefer=node if here else None)
+        return request, "expected" if old.storage_synced_at is not None else None
 
     def replace(self, old_name: str, new_name: str) -> ContainerModel:
         """RECYCLED/LOST -> REPLACED, pointing at the new sandbox (get_info and release follow it)."""
@@ -483,6 +547,26 @@ class RegistryCore:
             self._drop(name)
         return None
 
+    def engine_stopped(self, node: str, names: list[str]) -> tuple[list[Teardown], list[tuple[str, str]]]:
+        """The engine of ``node`` reports these containers stopped: a WARM one is released, a
+        RUNNING one lost (RECYCLED, restorable); one stopped on request stays. Returns the
+        teardowns and the (session, name) of each RUNNING one (what its session actor is told)."""
+        tds, left = [], []
+        for name in names:
+            rec = self.records.get(name)
+            if rec is None or self.node_of(rec) != node or name in self.stopped:
+                continue
+            if rec.state == S.WARM:
+                td = self.release(name)
+            elif rec.state == S.RUNNING:
+                left.append((rec.session_ctx_id, name))
+                td = self.mark_lost(name)
+            else:
+                continue
+            if td is not None:
+                tds.append(td)
+        return tds, left
+
     def move_node(self, old: str, new: str) -> int:
         """The machine of node ``old`` came back as node ``new`` (Ray was restarted: same address,
         new id). Its records follow; the reconciliation of ``new`` then adopts their containers."""
@@ -520,69 +604,7 @@ class RegistryCore:
                 self._drop(rec.container_name)
         return out
 
-    # -- acquire: claims, waiters and hand-off -----------------------------------
-
-    def acquire(self, sandbox_type: str, requests: list[dict]) -> list[Optional[ContainerModel]]:
-        """Claim a warm sandbox for each request (``{"session_ctx_id", "meta", "node"}``) while
-        nobody waits for one of the type; None for those that must wait (or give up)."""
-        out: list[Optional[ContainerModel]] = []
-        for req in requests:
-            rec = None
-            if not self.lines.warm_waiting(sandbox_type):
-                node, strict = _node_pref(req.get("node"))
-                name = self.next_warm(sandbox_type, node, strict)
-                if name is not None:
-                    rec = self.claim(name, req.get("session_ctx_id"), req.get("meta"))
-            out.append(rec)
-        return out
-
-    def wait_warm(self, wid: int, sandbox_type: str, req: dict) -> None:
-        self.lines.wait_warm(WarmWaiter(wid, sandbox_type, req.get("session_ctx_id"), req.get("meta"),
-                                        req.get("node")))
-
-    def hand_off(self, sandbox_type: str) -> list[tuple[int, ContainerModel]]:
-        """Warm sandboxes of the type go to its waiters, longest first; a waiter pinned to a node
-        with none warm there keeps its place while later waiters are served."""
-        out = []
-        line = self.lines.warm.get(sandbox_type)
-        if not line or not self.warm_count(sandbox_type):
-            return out
-        for waiter in list(line.values()):
-            if not self.warm_count(sandbox_type):
-                break
-            node, strict = _node_pref(waiter.node)
-            name = self.next_warm(sandbox_type, node, strict)
-            if name is None:
-                continue
-            del line[waiter.wid]
-            out.append((waiter.wid, self.claim(name, waiter.session, waiter.meta)))
-        return out
-
-    def wait_slot(self, wid: int, request: dict) -> None:
-        """A cold start (``request``: the keyword arguments of :meth:`reserve`) waits for a slot."""
-        self.lines.wait_slot(SlotWaiter(wid, request))
-
-    def admit(self, nodes: list[NodeView]) -> list[tuple[int, ContainerModel]]:
-        """Slot waiters get STARTING records while there is capacity, first come first, each on
-        the node its request names (``prefer``: that node while it has room, else any)."""
-        views = {v.node_id: v for v in nodes}
-        out = []
-        while self.lines.slots and self.has_capacity():
-            waiter = self.lines.head_slot()
-            req = dict(waiter.request)
-            t = req.pop("sandbox_type")
-            prefer = req.pop("prefer", None)
-            chosen = place(1, views.values(), prefer=prefer)
-            if not chosen:
-                break  # every node is full or busy starting: the line waits for the next tick
-            self.lines.pop_slot()
-            rec = self.reserve(t, node=chosen[0], **req)
-            views[chosen[0]].active += 1
-            views[chosen[0]].starting += 1
-            out.append((waiter.wid, rec))
-        return out
-
-    # -- pools: refill, shrink, health ------------------------------------------
+    # -- pools and configuration ---------------------------------------------------
 
     def pool(self, sandbox_type: Optional[str]) -> PoolCore:
         t = sandbox_type or self.config.default_type
@@ -591,69 +613,27 @@ class RegistryCore:
             p = self.pools[t] = PoolCore(t, self.config.pool_target(t) if t in self.config.sandbox_types else 0)
         return p
 
-    def plan_starts(self, nodes: list[NodeView], now: Optional[float] = None) -> list[ContainerModel]:
-        """STARTING records for every type's deficit, placed on ``nodes`` (views this call updates
-        as it places). Cold starts waiting for a slot go first: call :meth:`admit` before.
-        ``now``: this core's clock (the one a failed start's back-off was set with), by default."""
-        now = self.clock() if now is None else now
-        out = []
-        if self.lines.slots:
-            return out  # a slot that frees goes to the line, not to a refill
-        views = {v.node_id: v for v in nodes}
-        for t, pool in self.pools.items():
-            if t not in self.config.sandbox_types or now < pool.retry_at:
-                continue
-            # waiters pinned to a node are served by starts on that node; the rest by placement
-            need: dict[str, int] = {}
-            for w in self.lines.warm.get(t, {}).values():
-                node, strict = _node_pref(w.node)
-                if strict and node in views:
-                    need[node] = need.get(node, 0) + 1
-            chosen: list[str] = []
-            for node, k in need.items():
-                coming = sum(1 for r in self.on_node(node, S.WARM, S.STARTING, S.RESETTING) if r.sandbox_type == t)
-                for _ in range(max(0, k - coming)):
-                    v = views[node]
-                    if v.free > 0 and v.start_slots > 0:
-                        chosen.append(node)
-                        v.active += 1
-                        v.starting += 1
-            n = pool.deficit(self.warm_count(t), self.count(t, S.STARTING),
-                             self.count(t, S.RESETTING), self.lines.warm_waiting(t) - sum(need.values()), now)
-            for nid in place(n, views.values()):
-                views[nid].active += 1
-                views[nid].starting += 1
-                chosen.append(nid)
-            for nid in chosen:
-                rec = self.reserve(t, node=nid)
-                if rec is None:  # at max_sandbox_instances
-                    return out
-                out.append(rec)
-        return out
+    def plan_config(self, pool_size: Optional[int] = None, sandbox_types: Optional[dict] = None,
+                    max_sandbox_instances: Optional[int] = None) -> tuple[SandboxManagerEnvConfig, dict]:
+        """The config with these changes (validated: a bad value raises, nothing changes) and the
+        changes to keep across restarts. :meth:`set_config` puts it in force."""
+        raw = self.config.model_dump(mode="json")
+        over: dict = {}
+        if pool_size is not None:
+            over["pool_size"] = pool_size
+        if max_sandbox_instances is not None:
+            over["max_sandbox_instances"] = max_sandbox_instances
+        if sandbox_types is not None:
+            over["sandbox_types"] = {**raw["sandbox_types"], **sandbox_types}
+        new = SandboxManagerEnvConfig.model_validate({**raw, **over})
+        dumped = new.model_dump(mode="json")
+        return new, {k: dumped[k] for k in over}
 
-    def plan_shrink(self, now: Optional[float] = None) -> list[Teardown]:
-        """Warm sandboxes beyond the target (once the surplus has lasted), newest first.
-        ``now``: this core's clock, by default."""
-        now = self.clock() if now is None else now
-        out = []
-        for t, pool in self.pools.items():
-            n = pool.shrink(self.warm_count(t), self.lines.warm_waiting(t), now)
-            for name in list(self.warm.get(t, {}))[-n:] if n > 0 else []:
-                td = self.release(name)
-                if td is not None:
-                    out.append(td)
-        return out
-
-    def probed(self, sandbox_type: str, results: dict[str, bool]) -> list[Teardown]:
-        """Fold in a health probe of the type's warm sandboxes; teardowns of the sick ones."""
-        out = []
-        for name in self.pool(sandbox_type).probe(results):
-            rec = self.records.get(name)
-            if rec is not None and rec.state == S.WARM:
-                td = self.release(name)
-                if td is not None:
-                    out.append(td)
-        return out
+    def set_config(self, config: SandboxManagerEnvConfig) -> None:
+        """Put a config in force: its limit, types and every type's warm target."""
+        self.config = config
+        for t in config.sandbox_types:
+            self.pool(t).set_target(config.pool_target(t))
 
     # -- reconciliation --------------------------------------------------------
 
@@ -758,6 +738,13 @@ class RegistryCore:
                 out[state] = out.get(state, 0) + n
         return out
 
+    def fill_views(self, views: list[NodeView]) -> list[NodeView]:
+        """The node views with what each node holds and is starting now (by these records)."""
+        for v in views:
+            v.active = self.node_active(v.node_id)
+            v.starting = self.node_starting(v.node_id)
+        return views
+
     def node_counts(self) -> dict[str, dict[str, int]]:
         """Per node, records by state (``status()``)."""
         out: dict[str, dict[str, int]] = {}
@@ -767,12 +754,3 @@ class RegistryCore:
                 d[r.state.value] = d.get(r.state.value, 0) + 1
         return out
 
-
-def _node_pref(node: Optional[str]) -> tuple[Optional[str], bool]:
-    """(node to look on first, only there?) for a request's ``node``: None or "any" -> anywhere;
-    "local:<id>" -> that node first, then anywhere; a node id -> only there."""
-    if not node or node == "any":
-        return None, False
-    if node.startswith("local:"):
-        return node[len("local:"):] or None, False
-    return node, True

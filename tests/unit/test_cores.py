@@ -8,7 +8,9 @@ import pytest
 
 import corral
 from corral.core import KEEP, REAP, NodeView, PoolCore, RegistryCore, SessionActors, SessionCore, place
+from corral.core.acquire import AcquireCore
 from corral.core.pool import HEALTH_STRIKES, SHRINK_AFTER
+from corral.core.refill import RefillCore
 from corral.core.spares import QUIET, TRIM_AFTER, Attach, Kill, Spawn, Unbind
 from corral.models import ContainerState as S
 from corral.models import SandboxManagerEnvConfig, SandboxTypeConfig
@@ -333,13 +335,13 @@ def test_pool_rejects_absurd_sizes(bad):
 def test_acquire_claims_while_nobody_waits_and_waiters_are_served_first_come_first():
     reg, _ = make_registry()
     a = start_one(reg)
-    got = reg.acquire("base", [{"session_ctx_id": "s1"}, {"session_ctx_id": "s2"}])
+    got = AcquireCore(reg).acquire("base", [{"session_ctx_id": "s1"}, {"session_ctx_id": "s2"}])
     assert got[0].container_name == a.container_name and got[1] is None
-    reg.wait_warm(1, "base", {"session_ctx_id": "s2"})
-    reg.wait_warm(2, "base", {"session_ctx_id": "s3"})
+    AcquireCore(reg).wait_warm(1, "base", {"session_ctx_id": "s2"})
+    AcquireCore(reg).wait_warm(2, "base", {"session_ctx_id": "s3"})
     b = start_one(reg)
-    assert reg.acquire("base", [{"session_ctx_id": "late"}]) == [None]  # never overtakes a waiter
-    assert [(w, r.container_name, r.session_ctx_id) for w, r in reg.hand_off("base")] == [
+    assert AcquireCore(reg).acquire("base", [{"session_ctx_id": "late"}]) == [None]  # never overtakes a waiter
+    assert [(w, r.container_name, r.session_ctx_id) for w, r in AcquireCore(reg).hand_off("base")] == [
         (1, b.container_name, "s2")]
     assert reg.lines.warm_waiting("base") == 1
     assert reg.lines.cancel(2) and not reg.lines.cancel(2) and reg.lines.warm_waiting("base") == 0
@@ -354,40 +356,40 @@ def test_a_claim_without_a_session_gets_one_so_it_has_a_clock():
 
 def test_a_waiter_pinned_to_a_node_keeps_its_place_while_others_are_served():
     reg, _ = make_registry()
-    reg.wait_warm(1, "base", {"session_ctx_id": "s1", "node": "n2"})
-    reg.wait_warm(2, "base", {"session_ctx_id": "s2", "node": "local:n1"})
+    AcquireCore(reg).wait_warm(1, "base", {"session_ctx_id": "s1", "node": "n2"})
+    AcquireCore(reg).wait_warm(2, "base", {"session_ctx_id": "s2", "node": "local:n1"})
     a = start_one(reg, node="n1")
-    assert [w for w, _ in reg.hand_off("base")] == [2]  # nothing on n2 yet: the next waiter gets a
+    assert [w for w, _ in AcquireCore(reg).hand_off("base")] == [2]  # nothing on n2 yet: the next waiter gets a
     b = start_one(reg, node="n2")
-    assert [(w, r.container_name) for w, r in reg.hand_off("base")] == [(1, b.container_name)]
+    assert [(w, r.container_name) for w, r in AcquireCore(reg).hand_off("base")] == [(1, b.container_name)]
     assert a.session_ctx_id == "s2"
 
 
 def test_plan_starts_fills_deficits_on_the_nodes_with_room_and_pinned_waiters_on_theirs():
     reg, clock = make_registry(pool_size=3)
     nodes = [NodeView("n1", capacity=2, start_limit=8), NodeView("n2", capacity=10, start_limit=2)]
-    recs = reg.plan_starts(nodes, now=0)
+    recs = RefillCore(reg).plan_starts(nodes, now=0)
     assert sorted(r.node_id for r in recs) == ["n1", "n2", "n2"]  # most free capacity first
-    assert reg.count("base", S.STARTING) == 3 and reg.plan_starts(nodes, now=0) == []
+    assert reg.count("base", S.STARTING) == 3 and RefillCore(reg).plan_starts(nodes, now=0) == []
     idle, _ = make_registry(pool_size=0)
-    idle.wait_warm(1, "base", {"node": "n1"})  # pinned: started there, though n2 has more room
-    idle.wait_warm(2, "base", {})
+    AcquireCore(idle).wait_warm(1, "base", {"node": "n1"})  # pinned: started there, though n2 has more room
+    AcquireCore(idle).wait_warm(2, "base", {})
     fresh = [NodeView("n1", capacity=2, start_limit=8), NodeView("n2", capacity=10, start_limit=2)]
-    assert sorted(r.node_id for r in idle.plan_starts(fresh, now=0)) == ["n1", "n2"]
+    assert sorted(r.node_id for r in RefillCore(idle).plan_starts(fresh, now=0)) == ["n1", "n2"]
 
 
 def test_refills_resume_after_the_back_off_of_failed_starts_on_the_cores_own_clock():
     reg, clock = make_registry(pool_size=2)
     nodes = lambda: [NodeView("n1", capacity=10, start_limit=8)]  # noqa: E731
-    first = reg.plan_starts(nodes())
+    first = RefillCore(reg).plan_starts(nodes())
     assert len(first) == 2
     for rec in first:
         reg.start_failed(rec.container_name)  # a broken start, twice: back-off of 1 s
-    assert reg.plan_starts(nodes()) == []
+    assert RefillCore(reg).plan_starts(nodes()) == []
     clock.advance(0.5)
-    assert reg.plan_starts(nodes()) == []  # still backing off
+    assert RefillCore(reg).plan_starts(nodes()) == []  # still backing off
     clock.advance(0.6)
-    again = reg.plan_starts(nodes())
+    again = RefillCore(reg).plan_starts(nodes())
     assert len(again) == 2  # the pool refills again
     reg.started(again[0].container_name, "cid-1", "http://127.0.0.1:1", [1])
     assert reg.pool("base").failures == 0
@@ -396,13 +398,14 @@ def test_refills_resume_after_the_back_off_of_failed_starts_on_the_cores_own_clo
 def test_plan_starts_respects_the_instance_limit_and_slot_waiters_go_first():
     reg, _ = make_registry(pool_size=5, max_sandbox_instances=2)
     nodes = [NodeView("n1", capacity=10, start_limit=10)]
-    assert len(reg.plan_starts(nodes, now=0)) == 2
+    assert len(RefillCore(reg).plan_starts(nodes, now=0)) == 2
     for r in list(reg.records.values()):
         reg.started(r.container_name, "c", "http://x", [])
-    reg.wait_slot(7, {"sandbox_type": "base", "session_ctx_id": "cold", "mount_dir": "/m"})
-    assert reg.admit(nodes) == [] and reg.plan_starts(nodes, now=0) == []  # full: the line waits
+    AcquireCore(reg).wait_slot(7, {"sandbox_type": "base", "session_ctx_id": "cold", "mount_dir": "/m"})
+    # full: the line waits
+    assert AcquireCore(reg).admit(nodes) == [] and RefillCore(reg).plan_starts(nodes, now=0) == []
     reg.release(next(iter(reg.warm["base"])))
-    [(wid, rec)] = reg.admit(nodes)
+    [(wid, rec)] = AcquireCore(reg).admit(nodes)
     assert wid == 7 and rec.session_ctx_id == "cold" and rec.mount_dir == "/m" and rec.node_id == "n1"
 
 
@@ -424,8 +427,8 @@ def test_a_reset_rotates_the_token_and_shrink_drops_the_newest_warm():
     assert a.runtime_token == td.token and a.state == S.WARM
     b = start_one(reg)
     reg.pool("base").set_target(1)
-    assert reg.plan_shrink(now=0) == []
-    [drop] = reg.plan_shrink(now=SHRINK_AFTER + 1)
+    assert RefillCore(reg).plan_shrink(now=0) == []
+    [drop] = RefillCore(reg).plan_shrink(now=SHRINK_AFTER + 1)
     assert drop.record.container_name == b.container_name and drop.action == "destroy"
 
 
