@@ -14,9 +14,20 @@ import asyncio
 import json
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
-__all__ = ["main"]
+__all__ = ["main", "run_command"]
+
+
+def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``command(args)``'s exit code; 2 when it raises a corral error (said on stderr, no trace)."""
+    from corral.errors import CorralError
+
+    try:
+        return command(args)
+    except CorralError as e:
+        print(f"{prog}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 def _config(args) -> "object":
@@ -180,16 +191,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return chaos_main(rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
-        return {"demo": cmd_demo, "status": cmd_status, "down": cmd_down, "bench": cmd_bench,
-                "serve": cmd_serve}[args.cmd](args)
-    except Exception as e:
-        from corral.errors import CorralError
-
-        if isinstance(e, CorralError):
-            print(f"corral: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
-        raise
+    command = {"demo": cmd_demo, "status": cmd_status, "down": cmd_down, "bench": cmd_bench,
+               "serve": cmd_serve}[args.cmd]
+    return run_command("corral", command, args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from enum import Enum
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -135,33 +135,26 @@ class _Config(BaseModel):
     converts: pydantic validates nested models through their ``__init__`` too."""
 
     def __init__(self, /, **data: Any) -> None:
-        with _outermost() as outer:
-            try:
-                super().__init__(**data)
-            except ValidationError as e:
-                if not outer:
-                    raise
-                raise _invalid(type(self), e) from None
+        _validated(type(self), super().__init__, **data)
 
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any):
-        with _outermost() as outer:
-            try:
-                return super().model_validate(obj, *args, **kwargs)
-            except ValidationError as e:
-                if not outer:
-                    raise
-                raise _invalid(cls, e) from None
+        return _validated(cls, super().model_validate, obj, *args, **kwargs)
 
     @classmethod
     def model_validate_json(cls, data: Any, *args: Any, **kwargs: Any):
-        with _outermost() as outer:
-            try:
-                return super().model_validate_json(data, *args, **kwargs)
-            except ValidationError as e:
-                if not outer:
-                    raise
-                raise _invalid(cls, e) from None
+        return _validated(cls, super().model_validate_json, data, *args, **kwargs)
+
+
+def _validated(cls: type, validate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``validate(*args, **kwargs)``, its ValidationError raised as InvalidRequest by the outermost validation."""
+    with _outermost() as outer:
+        try:
+            return validate(*args, **kwargs)
+        except ValidationError as e:
+            if not outer:
+                raise
+            raise _invalid(cls, e) from None
 
 
 @contextlib.contextmanager

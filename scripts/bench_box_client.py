@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,35 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from corral.bench.box_bench import start_box, stop_box
 from corral.client import AsyncBoxClient, BoxClient
-
-
-def _start(tmp: Path, token: str) -> tuple[subprocess.Popen, str]:
-    ready = tmp / "ready.json"
-    (tmp / "ws").mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "corral.box", "--host", "127.0.0.1", "--port", "0",
-         "--workspace", str(tmp / "ws"), "--ready-file", str(ready)],
-        env={**os.environ, "SECRET_TOKEN": token}, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            sys.exit(f"the box did not start (exit code {proc.returncode})")
-        time.sleep(0.05)
-    return proc, f"http://127.0.0.1:{json.loads(ready.read_text())['port']}"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _row(name: str, samples: list[float]) -> str:
@@ -120,13 +91,17 @@ def main() -> None:
     args = parser.parse_args()
     token = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
-        proc, url = _start(Path(tmp), token)
+        try:
+            proc, port = start_box(Path(tmp), token, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except RuntimeError as e:
+            sys.exit(str(e))
+        url = f"http://127.0.0.1:{port}"
         try:
             print(f"box at {url} (pid {proc.pid}), {os.cpu_count()} cpus")
             _bench_sync(url, token, args.n)
             asyncio.run(_bench_async(url, token, args.n, args.concurrency))
         finally:
-            _stop(proc)
+            stop_box(proc)
 
 
 if __name__ == "__main__":

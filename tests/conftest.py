@@ -10,9 +10,9 @@ box process or container corral started is left.
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
+
+from tests.support.managers import config_factory, manager_factory
 
 
 @pytest.fixture(scope="session")
@@ -28,36 +28,10 @@ def ray_cluster():
 @pytest.fixture
 def corral_config(tmp_path):
     """A config of its own for one test: its own namespace, state dir and mount dir."""
-    from corral.models import SandboxManagerEnvConfig
-
-    def make(**kw):
-        kw.setdefault("namespace", "t-" + uuid.uuid4().hex[:10])
-        kw.setdefault("state_dir", str(tmp_path / "state"))
-        kw.setdefault("default_mount_dir", str(tmp_path / "mounts"))
-        kw.setdefault("watcher_scan_interval", 0.2)
-        kw.setdefault("spare_sessions", 1)
-        kw.setdefault("acquire_timeout", 60)
-        return SandboxManagerEnvConfig(**kw)
-
-    return make
+    return config_factory(tmp_path, "t-", acquire_timeout=60)
 
 
 @pytest.fixture
 def make_manager(ray_cluster, corral_config):
     """Build SandboxManagers on the session's cluster; everything they started is torn down after."""
-    from corral.manager import SandboxManager
-    from corral.manager import down
-
-    made = []
-
-    def make(**kw):
-        cfg = kw.pop("config", None) or corral_config(**kw)
-        m = SandboxManager(cfg)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        out = down(m.config, timeout=30)
-        assert out["containers_left"] == 0, f"namespace {m.config.namespace} leaked containers"
-        m._ops.close()
+    yield from manager_factory(corral_config, down_timeout=30)

@@ -10,3 +10,16 @@ holds the current ones with the command, date and machine behind each.
 - :mod:`corral.bench.storage_bench`: workspace sync to local and OSS storage.
 - :mod:`corral.bench.box_bench`, :mod:`corral.bench.docker_bench`: the box alone, the engine alone.
 """
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["write_json"]
+
+
+def write_json(path: str, data: Any) -> None:
+    """A benchmark's figures as indented JSON at ``path``."""
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)

@@ -10,21 +10,21 @@ Nothing here is asserted: it measures and prints.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import httpx
 
-__all__ = ["main", "start_box", "measure", "CASES"]
+from corral.testing.waiting import stop_process, wait_ready_file
+
+__all__ = ["main", "start_box", "stop_box", "measure", "CASES"]
 
 #: (label, method, path, json body, target p50 in ms or None)
 CASES = [
@@ -37,34 +37,22 @@ CASES = [
 ]
 
 
-def start_box(workdir: Path, token: str, timeout: float = 60.0) -> tuple[subprocess.Popen, int]:
-    """A box subprocess in its own session; returns (process, port) once its ready file exists."""
-    ready = workdir / "ready.json"
+def start_box(workdir: Path, token: str, timeout: float = 60.0, **popen: Any) -> tuple[subprocess.Popen, int]:
+    """A box subprocess in its own session (``popen``: more of Popen's arguments, such as ``stdout``);
+    returns (process, port) once its ready file exists."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "corral.box", "--host", "127.0.0.1", "--port", "0",
-         "--workspace", str(workdir / "ws"), "--ready-file", str(ready)],
+         "--workspace", str(workdir / "ws"), "--ready-file", str(workdir / "ready.json")],
         env={**os.environ, "SECRET_TOKEN": token},
         start_new_session=True,
+        **popen,
     )
-    deadline = time.monotonic() + timeout
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"the box exited with code {proc.returncode} before it was ready")
-        if time.monotonic() > deadline:
-            stop_box(proc)
-            raise RuntimeError(f"the box wrote no ready file within {timeout:g}s")
-        time.sleep(0.02)
-    return proc, json.loads(ready.read_text())["port"]
+    return proc, wait_ready_file(proc, workdir / "ready.json", timeout, "the box")["port"]
 
 
 def stop_box(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    """SIGTERM to the box's process group (its kernel and shells too); SIGKILL if it does not end."""
+    stop_process(proc, group=True)
 
 
 def measure(call: Callable[[], None], n: int, warmup: int) -> list[float]:

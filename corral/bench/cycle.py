@@ -64,6 +64,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
+from corral.bench import write_json
 from corral.bench.machine import cpu_times
 from corral.core.stats import summary
 
@@ -367,25 +368,14 @@ def _result(p: CycleParams, s: Samples, window: dict, starts: Optional[int], bac
 
 
 def _config(p: CycleParams, reuse: bool, pool: int, workdir: str, label: str):
-    from corral import SandboxManagerEnvConfig, SandboxTypeConfig
+    from corral.bench.rollout import bench_config
 
-    root = os.path.join(workdir, label)
     kw: dict = {}
     if p.max_starting_per_node is not None:
         kw["max_starting_per_node"] = p.max_starting_per_node
     if p.driver == "process":  # the boxes' directories in this run's own place
-        kw["driver"] = {"type": "process", "root": os.path.join(root, "process")}
-    return SandboxManagerEnvConfig(
-        namespace=f"{p.namespace_prefix}-{label}-{uuid.uuid4().hex[:6]}",
-        container_deployment=p.driver,
-        pool_size=pool,
-        spare_sessions=p.workers,
-        state_dir=os.path.join(root, "state"),
-        default_mount_dir=os.path.join(root, "mounts"),  # a workspace per sandbox, as the reference makes
-        acquire_timeout=p.timeout,
-        sandbox_types={"base": SandboxTypeConfig(name="base", image=p.image, reuse=reuse)},
-        **kw,
-    )
+        kw["driver"] = {"type": "process", "root": os.path.join(workdir, label, "process")}
+    return bench_config(p, label, workdir, pool, reuse, **kw)
 
 
 def _corral_ops(m) -> Ops:
@@ -883,8 +873,7 @@ def run(p: CycleParams, out_dir: Optional[str] = None) -> dict:
     params["systems"] = list(p.systems)
     result = {"workload": "cycle", "systems": systems, "cold_start": cold, "machine": machine, "params": params}
     if out_dir:
-        with open(os.path.join(out_dir, "cycle.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(out_dir, "cycle.json"), result)
         write_figure(result, os.path.join(out_dir, "cycle.png"))
     return result
 
@@ -912,8 +901,7 @@ def _sweep(p: CycleParams, workdir: str, machine: dict, background: Optional[flo
     params = {k: v for k, v in asdict(p).items() if k not in ("progress", "namespace_prefix")}
     result = {"workload": "cycle", "sweep": rows, "machine": machine, "params": params}
     if out_dir:
-        with open(os.path.join(out_dir, "cycle.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(out_dir, "cycle.json"), result)
         write_sweep_figure(result, os.path.join(out_dir, "cycle.png"))
     return result
 
@@ -1111,31 +1099,17 @@ def params_from_args(args: argparse.Namespace) -> CycleParams:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``corral bench --workload cycle``: start (or join) Ray, run, print the table and the targets."""
-    import ray
-
-    from corral.bench.rollout import join_or_start_ray, require_matplotlib
+    from corral.bench.rollout import print_report, require_matplotlib, run_on_ray
 
     require_matplotlib()
     p = params_from_args(args)
+    banner = (f"corral bench --workload cycle: {p.workers} threads x {p.duration:g} s, pool {p.pool_size}, driver "
+              f"{p.driver}; systems {', '.join(p.systems)}")
     # the machine's own CPU count: corral's default start limit is read from the node's CPUs
-    started = join_or_start_ray(args, num_cpus=os.cpu_count() or 1)
-    try:
-        print(f"corral bench --workload cycle: {p.workers} threads x {p.duration:g} s, pool {p.pool_size}, driver "
-              f"{p.driver}; systems {', '.join(p.systems)}", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        result = run(p, args.out)
-    finally:
-        if started:
-            ray.shutdown()
-    print()
+    result, seconds = run_on_ray(args, os.cpu_count() or 1, banner, lambda: run(p, args.out))
     if "sweep" in result:
-        print(sweep_table(result))
+        print_report(sweep_table(result), [], args.out, "cycle", seconds)
     else:
-        print(table(result))
-        print()
-        for line in targets(result):
-            print(f"- {line}")
-    print(f"\nwrote {os.path.join(args.out, 'cycle.json')} and {os.path.join(args.out, 'cycle.png')} "
-          f"in {time.perf_counter() - t0:.0f}s")
+        print_report(table(result), targets(result), args.out, "cycle", seconds)
     rows = result["sweep"] if "sweep" in result else result["systems"].values()
     return 0 if all(not d.get("failure") for d in rows) else 1

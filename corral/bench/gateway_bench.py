@@ -38,8 +38,10 @@ import time
 import uuid
 from typing import Any, Optional
 
+from corral.bench import write_json
 from corral.bench.machine import wait_quiet
 from corral.core.stats import pct, summary
+from corral.testing.waiting import stop_process, wait_ready_file
 
 __all__ = ["main", "quiet_box", "rollout"]
 
@@ -160,23 +162,10 @@ def _standalone(config: Any, token: str, workdir: str) -> tuple[subprocess.Popen
         [sys.executable, "-m", "corral.cli", "serve", "--standalone", "--host", "127.0.0.1", "--port", "0",
          "--config", cfg_path, "--ready-file", ready], env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
-    deadline = time.monotonic() + 180
-    while not os.path.exists(ready):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the standalone gateway did not start (see {workdir}/standalone.log)")
-        time.sleep(0.1)
-    with open(ready) as f:
-        return proc, json.load(f)["url"]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    try:
+        return proc, wait_ready_file(proc, ready, 180, "the standalone gateway", every=0.1)["url"]
+    except RuntimeError as e:
+        raise RuntimeError(f"{e} (see {workdir}/standalone.log)") from None
 
 
 def _settle(m: Any, workers: int) -> float:
@@ -227,7 +216,7 @@ def run(workers: int, cycles: int, calls: int) -> dict:
             out[f"rollout_{kind}"] = {**result, "settled_s": settled}
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_process(proc, signal.SIGINT, grace=30)
         stop_gateways(cfg.namespace)
         down(m.config)
     return out
@@ -274,8 +263,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"ms; {args.workers} workers x {args.cycles} cycles; {os.cpu_count()} CPUs")
     print(_table(out))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.out, out)
     return 0
 
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import os
 import platform
 import secrets
@@ -61,6 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
+from corral.bench import write_json
 from corral.bench.runtime_bench import _direct_vs_handle, _measure_memory, pct, summary
 
 __all__ = ["BenchParams", "run", "run_cli", "add_arguments", "main", "write_figure", "SYSTEMS"]
@@ -200,23 +200,31 @@ async def _workers(p: BenchParams, desc: str, episode: Callable[[int, int, Sampl
 # -- the corral systems ------------------------------------------------------------
 
 
-def _config(p: BenchParams, system: str, workdir: str):
+def bench_config(p: Any, label: str, workdir: str, pool: int, reuse: bool, kernel_reset: Optional[str] = None,
+                 **kw: Any):
+    """The config of one system of a run (``p``: its parameters), under ``workdir``/``label``: one
+    sandbox type, "base", pooled ``pool`` deep; ``kw``: more of the config's fields."""
     from corral import SandboxManagerEnvConfig, SandboxTypeConfig
 
-    reuse = system == "corral"
-    pool = 0 if system == "cold" else p.workers
-    root = os.path.join(workdir, system)
+    root = os.path.join(workdir, label)
+    base = SandboxTypeConfig(name="base", image=p.image, reuse=reuse,
+                             **({"kernel_reset": kernel_reset} if kernel_reset else {}))
     return SandboxManagerEnvConfig(
-        namespace=f"{p.namespace_prefix}-{system}-{uuid.uuid4().hex[:6]}",
+        namespace=f"{p.namespace_prefix}-{label}-{uuid.uuid4().hex[:6]}",
         container_deployment=p.driver,
         pool_size=pool,
         spare_sessions=p.workers,
         state_dir=os.path.join(root, "state"),
-        default_mount_dir=os.path.join(root, "mounts"),
+        default_mount_dir=os.path.join(root, "mounts"),  # a workspace per sandbox, as the reference makes
         acquire_timeout=p.timeout,
-        sandbox_types={"base": SandboxTypeConfig(name="base", image=p.image, reuse=reuse,
-                                                 kernel_reset=p.kernel_reset)},
+        sandbox_types={"base": base},
+        **kw,
     )
+
+
+def _config(p: BenchParams, system: str, workdir: str):
+    return bench_config(p, system, workdir, pool=0 if system == "cold" else p.workers, reuse=system == "corral",
+                        kernel_reset=p.kernel_reset)
 
 
 def _pool_stats(m) -> dict:
@@ -773,8 +781,7 @@ def run(p: BenchParams, out_dir: Optional[str] = None) -> dict:
     params["systems"] = list(p.systems)
     result = {"systems": {k: systems[k] for k in SYSTEMS if k in systems}, "machine": machine_info(), "params": params}
     if out_dir:
-        with open(os.path.join(out_dir, "bench.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(out_dir, "bench.json"), result)
         write_figure(result, os.path.join(out_dir, "bench.png"))
     return result
 
@@ -821,32 +828,44 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
     ).validate()
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """``corral bench``: start (or join) Ray once, run, print the table and the targets, stop what it started."""
+def run_on_ray(args: argparse.Namespace, num_cpus: int, banner: str, work: Callable[[], dict]) -> tuple[dict, float]:
+    """Join or start Ray (see :func:`join_or_start_ray`; one this started is shut down after), say
+    ``banner`` on stderr and run ``work``: returns its result and the seconds it took."""
     import ray
 
+    started = join_or_start_ray(args, num_cpus)
+    try:
+        print(banner, file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        return work(), time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def print_report(table_text: str, target_lines: list[str], out: str, stem: str, seconds: float) -> None:
+    """A benchmark's table, its targets (one line each) and the files it wrote (``stem``.json and .png)."""
+    print()
+    print(table_text)
+    if target_lines:
+        print()
+    for line in target_lines:
+        print(f"- {line}")
+    print(f"\nwrote {os.path.join(out, stem + '.json')} and {os.path.join(out, stem + '.png')} in {seconds:.0f}s")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``corral bench``: start (or join) Ray once, run, print the table and the targets, stop what it started."""
     if getattr(args, "workload", "rollout") == "cycle":
         from corral.bench import cycle
 
         return cycle.run_cli(args)
     require_matplotlib()
     p = params_from_args(args)
-    started = join_or_start_ray(args, num_cpus=4)
-    try:
-        print(f"corral bench: {p.workers} workers x {p.episodes} episodes x {p.calls} tool calls, think "
-              f"{p.think_ms:g} ms, driver {p.driver}; systems {', '.join(p.systems)}", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        result = run(p, args.out)
-    finally:
-        if started:
-            ray.shutdown()
-    print()
-    print(table(result))
-    print()
-    for line in targets(result):
-        print(f"- {line}")
-    print(f"\nwrote {os.path.join(args.out, 'bench.json')} and {os.path.join(args.out, 'bench.png')} "
-          f"in {time.perf_counter() - t0:.0f}s")
+    banner = (f"corral bench: {p.workers} workers x {p.episodes} episodes x {p.calls} tool calls, think "
+              f"{p.think_ms:g} ms, driver {p.driver}; systems {', '.join(p.systems)}")
+    result, seconds = run_on_ray(args, 4, banner, lambda: run(p, args.out))
+    print_report(table(result), targets(result), args.out, "bench", seconds)
     return 0 if all(not d.get("failure") for d in result["systems"].values()) else 1
 
 
@@ -854,15 +873,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m corral.bench.rollout", description=__doc__.split("\n\n")[0])
     add_arguments(ap)
     args = ap.parse_args(argv)
-    try:
-        return run_cli(args)
-    except Exception as e:
-        from corral.errors import CorralError
+    from corral.cli import run_command
 
-        if isinstance(e, CorralError):
-            print(f"corral bench: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
-        raise
+    return run_command("corral bench", run_cli, args)
 
 
 if __name__ == "__main__":

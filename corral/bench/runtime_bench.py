@@ -28,6 +28,7 @@ import time
 import uuid
 from typing import Optional
 
+from corral.bench import write_json
 from corral.bench.machine import wait_quiet
 from corral.core.stats import pct, summary
 
@@ -268,8 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"[{r['mode']}] tool call p50: handle {lat['handle_ms']['p50']} ms, direct HTTP "
               f"{lat['direct_ms']['p50']} ms; memory per live session: {r['memory_per_live_session']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return 0
 
 

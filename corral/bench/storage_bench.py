@@ -27,7 +27,6 @@ sandbox, on a pool of one and of two.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -39,6 +38,7 @@ from typing import Callable, Optional
 
 from tabulate import tabulate
 
+from corral.bench import write_json
 from corral.storage import LocalStorage, Storage
 from corral.storage.manifest import MANIFEST_SUFFIX
 from corral.storage.oss import OSSStorage
@@ -195,8 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         for k, v in rel.items() if k.startswith("pool_")],
                        headers=["", "release returns", "next acquire returns", "upload done"]))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.out, result)
     return 0
 
 

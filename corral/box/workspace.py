@@ -32,14 +32,12 @@ WORKSPACE_ALIAS = "/workspace"
 CHUNK_SIZE = 1 << 16
 
 
+#: The entry types the workspace reports, by their file-type test; anything else is "other".
+_KINDS = ((stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"))
+
+
 def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISREG(mode):
-        return "file"
-    return "other"
+    return next((name for is_kind, name in _KINDS if is_kind(mode)), "other")
 
 
 class Workspace:

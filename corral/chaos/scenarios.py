@@ -9,12 +9,14 @@ cluster itself under load.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
 from pathlib import Path
 from typing import Callable
 
+from ..testing.waiting import poll
 from . import Harness, Outcome
 
 __all__ = ["SCENARIOS"]
@@ -25,16 +27,6 @@ SCENARIOS: dict[str, Callable[[Harness], Outcome]] = {}
 def scenario(fn: Callable[[Harness], Outcome]) -> Callable[[Harness], Outcome]:
     SCENARIOS[fn.__name__] = fn
     return fn
-
-
-def _wait(pred: Callable[[], object], timeout: float, every: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    return None
 
 
 # -- the client that owns its cluster -------------------------------------------------------
@@ -59,24 +51,11 @@ def _owner_ends(h: Harness, tag: str, how: str) -> Outcome:
     return o
 
 
-@scenario
-def script_exits(h: Harness) -> Outcome:
-    return _owner_ends(h, "script_exits", "exit")
-
-
-@scenario
-def script_raises(h: Harness) -> Outcome:
-    return _owner_ends(h, "script_raises", "raise")
-
-
-@scenario
-def script_sigterm(h: Harness) -> Outcome:
-    return _owner_ends(h, "script_sigterm", "sigterm")
-
-
-@scenario
-def script_sigint(h: Harness) -> Outcome:
-    return _owner_ends(h, "script_sigint", "sigint")
+#: The scenarios in which the owning script ends by itself or by a signal: name -> how it ends.
+_OWNER_ENDINGS = {"script_exits": "exit", "script_raises": "raise", "script_sigterm": "sigterm",
+                  "script_sigint": "sigint"}
+for _name, _how in _OWNER_ENDINGS.items():
+    SCENARIOS[_name] = functools.partial(_owner_ends, tag=_name, how=_how)
 
 
 @scenario
@@ -306,7 +285,7 @@ def client_killed(h: Harness) -> Outcome:
     os.kill(ready["pid"], signal.SIGKILL)
     c.wait(30)
     t0 = time.monotonic()
-    reaped = _wait(lambda: all(m.get_info(n)["state"] == "RECYCLED" for n in ready["names"]), 30)
+    reaped = poll(lambda: all(m.get_info(n)["state"] == "RECYCLED" for n in ready["names"]), 30)
     took = time.monotonic() - t0
     lost = 0
     if reaped:
@@ -330,7 +309,7 @@ def sandbox_dies_under_its_pool(h: Harness) -> Outcome:
     victim = warm[0]
     t0 = time.monotonic()
     _kill_sandbox(h, cfg, victim)
-    gone = _wait(lambda: _state(m, victim["container_name"]) != "WARM", 30, 0.1)
+    gone = poll(lambda: _state(m, victim["container_name"]) != "WARM", 30, 0.1)
     took = time.monotonic() - t0
     errors = 0
     held = []
@@ -382,7 +361,7 @@ def long_command_outlives_the_timeout(h: Harness) -> Outcome:
     sb = m.acquire()
     r = sb.shell("sleep 12; echo done", timeout=60)
     ok = r.stdout.strip() == "done" and m.get_info(sb.name)["state"] == "RUNNING"
-    reaped = _wait(lambda: m.get_info(sb.name)["state"] == "RECYCLED", 30)
+    reaped = poll(lambda: m.get_info(sb.name)["state"] == "RECYCLED", 30)
     o = Outcome("long_command_outlives_the_timeout", h.driver, faults=0, calls=1, errors=int(not ok) + int(not reaped),
                 detail=f"command {'completed' if ok else 'CUT OFF'}; reaped once idle: {bool(reaped)}")
     return _finish(h, m, o)
@@ -411,7 +390,7 @@ def ray_restarts(h: Harness) -> Outcome:
                         "corral.name": f"chaos-orphan-{cfg.namespace}"})))
             head.restart()
             back = _hold_on(head, cfg, h) if held.startswith("created") else held
-            gone = _wait(lambda: loop.run_until_complete(driver.status(orphan.container_id)) == "missing", 60, 0.5)
+            gone = poll(lambda: loop.run_until_complete(driver.status(orphan.container_id)) == "missing", 60, 0.5)
             loop.run_until_complete(driver.remove(orphan.container_id))
             loop.run_until_complete(driver.close())
         finally:

@@ -44,6 +44,17 @@ def _types(default_type: Any) -> list[str]:
     return [str(getattr(t, "value", t)) for t in items]
 
 
+def as_config(config: Union[SandboxManagerEnvConfig, dict, None]) -> SandboxManagerEnvConfig:
+    """A manager's ``config=`` argument as a config: None is the default one, a dict is validated."""
+    if config is None:
+        return SandboxManagerEnvConfig()
+    if isinstance(config, dict):
+        return SandboxManagerEnvConfig.model_validate(config)
+    if not isinstance(config, SandboxManagerEnvConfig):
+        raise InvalidRequest(f"config must be a SandboxManagerEnvConfig or dict, got {type(config).__name__}")
+    return config
+
+
 class SandboxManager(ManagerOperations):
     """Sandboxes on Ray actors; see the module docstring and the README.
 
@@ -73,12 +84,7 @@ class SandboxManager(ManagerOperations):
     ) -> None:
         if base_url is not None:
             raise InvalidRequest(f"{type(self).__name__} is embedded; SandboxManager(base_url=...) is remote mode")
-        if config is None:
-            config = SandboxManagerEnvConfig()
-        elif isinstance(config, dict):
-            config = SandboxManagerEnvConfig.model_validate(config)
-        elif not isinstance(config, SandboxManagerEnvConfig):
-            raise InvalidRequest(f"config must be a SandboxManagerEnvConfig or dict, got {type(config).__name__}")
+        config = as_config(config)
         types = _types(default_type)
         if types:
             extra = {t: config.sandbox_types.get(t) or SandboxTypeConfig(name=t) for t in types}

@@ -18,7 +18,7 @@ import asyncio
 from typing import Any, Optional, Union
 
 from corral.errors import InvalidRequest
-from corral.manager.manager import SandboxManager
+from corral.manager.manager import SandboxManager, as_config
 from corral.models import SandboxManagerEnvConfig
 
 from ._async.ops import REMOTE_TIMEOUT, AsyncRemoteOps, Verify
@@ -63,17 +63,11 @@ class RemoteSandboxManager(SandboxManager):
             raise InvalidRequest("address= names a Ray cluster (embedded mode); remote mode takes base_url= only")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise InvalidRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if config is None:
-            config = SandboxManagerEnvConfig()
-        elif isinstance(config, dict):
-            config = SandboxManagerEnvConfig.model_validate(config)
-        elif not isinstance(config, SandboxManagerEnvConfig):
-            raise InvalidRequest(f"config must be a SandboxManagerEnvConfig or dict, got {type(config).__name__}")
-        self.config = config
+        self.config = as_config(config)
         self.base_url = base_url.rstrip("/")
         self._owned: set = set()
         self._settings = dict(verify=verify, timeout=float(timeout), default_type=_default_type(default_type),
-                              prefix=config.container_prefix_key)
+                              prefix=self.config.container_prefix_key)
         self._token = bearer_token
         self._ops = RemoteOps(self.base_url, bearer_token, owned=self._owned, **self._settings)
         self._aops: dict[int, tuple[asyncio.AbstractEventLoop, AsyncRemoteOps]] = {}

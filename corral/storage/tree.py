@@ -87,23 +87,21 @@ class TreeScan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
+#: A file type's test and the short name it is given, in the order they are asked.
+_KINDS = (
+    (stat.S_ISLNK, "symlink (not followed)"),
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISREG, "regular file"),
+)
+
+
 def kind_of(mode: int) -> str:
     """A short name for a file type, used as the reason an entry was skipped."""
-    if stat.S_ISLNK(mode):
-        return "symlink (not followed)"
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode):
-        return "character device"
-    if stat.S_ISBLK(mode):
-        return "block device"
-    if stat.S_ISDIR(mode):
-        return "directory"
-    if stat.S_ISREG(mode):
-        return "regular file"
-    return "unknown file type"
+    return next((name for is_kind, name in _KINDS if is_kind(mode)), "unknown file type")
 
 
 def _join(prefix: str, name: str) -> str:

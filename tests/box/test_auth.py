@@ -1,7 +1,7 @@
 """Who may call the box: the token rule, 401 before activity, and rotation at reset.
 
-In-process through httpx's ASGI transport, on a runtime of this module's own
-(the resets here wipe it). Each test builds its own app, so each starts with a
+In-process through httpx's ASGI transport, on the runtime conftest gives this module (``box_rt``:
+one per module; the resets here wipe it). Each test builds its own app, so each starts with a
 fresh gate and the module's token.
 """
 
@@ -13,8 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import pytest_asyncio
-from _box_helpers import TOKEN, make_runtime, process_alive
+from _box_helpers import TOKEN, process_alive
 
 import corral
 from corral.box.app import create_app
@@ -23,15 +22,6 @@ from corral.box.auth import MIN_TOKEN_LENGTH, TokenGate, check_token, token_prob
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 NEW = "the-next-sessions-token-9d2e"
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def rt(tmp_path_factory):
-    runtime = await make_runtime(tmp_path_factory, start=True)
-    try:
-        yield runtime
-    finally:
-        await runtime.close()
 
 
 def _client(app, token: str | None) -> httpx.AsyncClient:
@@ -65,8 +55,8 @@ async def test_check_token_takes_generated_tokens() -> None:
 # --- auth comes before activity ---
 
 
-async def test_unauthenticated_requests_are_no_activity_and_reach_no_route(rt) -> None:
-    app = create_app(rt, TOKEN)
+async def test_unauthenticated_requests_are_no_activity_and_reach_no_route(box_rt) -> None:
+    app = create_app(box_rt, TOKEN)
     async with _client(app, TOKEN) as ok:
         before = (await ok.get("/v1/activity")).json()
     for token in (None, "wrong", TOKEN + "x", " " * 3):
@@ -86,8 +76,8 @@ async def test_unauthenticated_requests_are_no_activity_and_reach_no_route(rt) -
 # --- rotation ---
 
 
-async def test_reset_with_a_new_token_swaps_it_when_done(rt) -> None:
-    app = create_app(rt, TOKEN)
+async def test_reset_with_a_new_token_swaps_it_when_done(box_rt) -> None:
+    app = create_app(box_rt, TOKEN)
     async with _client(app, TOKEN) as old, _client(app, NEW) as new:
         assert (await new.get("/v1/healthz")).status_code == 401  # not before the reset
         r = await old.post("/v1/reset", json={"restart_kernel": False, "token": NEW})
@@ -101,17 +91,17 @@ async def test_reset_with_a_new_token_swaps_it_when_done(rt) -> None:
         assert (await new.get("/v1/healthz")).status_code == 200
 
 
-async def test_no_token_is_accepted_while_the_reset_runs(rt, monkeypatch) -> None:
-    app = create_app(rt, TOKEN)
+async def test_no_token_is_accepted_while_the_reset_runs(box_rt, monkeypatch) -> None:
+    app = create_app(box_rt, TOKEN)
     entered, release = asyncio.Event(), asyncio.Event()
-    real_reset = rt.reset
+    real_reset = box_rt.reset
 
     async def slow_reset(restart_kernel: bool = True) -> dict:
         entered.set()
         await release.wait()
         return await real_reset(restart_kernel)
 
-    monkeypatch.setattr(rt, "reset", slow_reset)
+    monkeypatch.setattr(box_rt, "reset", slow_reset)
     async with _client(app, TOKEN) as old, _client(app, NEW) as new:
         resetting = asyncio.ensure_future(old.post("/v1/reset", json={"restart_kernel": False, "token": NEW}))
         await asyncio.wait_for(entered.wait(), 10)
@@ -123,8 +113,8 @@ async def test_no_token_is_accepted_while_the_reset_runs(rt, monkeypatch) -> Non
         assert (await old.get("/v1/healthz")).status_code == 401
 
 
-async def test_a_reset_ends_the_previous_sessions_calls(rt, tmp_path: Path) -> None:
-    app = create_app(rt, TOKEN)
+async def test_a_reset_ends_the_previous_sessions_calls(box_rt, tmp_path: Path) -> None:
+    app = create_app(box_rt, TOKEN)
     pidfile = tmp_path / "long.pid"
     async with _client(app, TOKEN) as old:
         long = asyncio.ensure_future(old.post("/v1/shell", json={"command": f"echo $$ > {pidfile}; exec sleep 60"}))
@@ -143,8 +133,8 @@ async def test_a_reset_ends_the_previous_sessions_calls(rt, tmp_path: Path) -> N
         assert not process_alive(pid)
 
 
-async def test_a_bad_new_token_is_refused_and_changes_nothing(rt) -> None:
-    app = create_app(rt, TOKEN)
+async def test_a_bad_new_token_is_refused_and_changes_nothing(box_rt) -> None:
+    app = create_app(box_rt, TOKEN)
     async with _client(app, TOKEN) as old:
         for bad in ("short", " " * 20, "has space in the middle"):
             r = await old.post("/v1/reset", json={"token": bad})
@@ -154,13 +144,13 @@ async def test_a_bad_new_token_is_refused_and_changes_nothing(rt) -> None:
         assert (await old.get("/v1/healthz")).status_code == 200
 
 
-async def test_a_failed_reset_keeps_the_token(rt, monkeypatch) -> None:
-    app = create_app(rt, TOKEN)
+async def test_a_failed_reset_keeps_the_token(box_rt, monkeypatch) -> None:
+    app = create_app(box_rt, TOKEN)
 
     async def broken(restart_kernel: bool = True) -> dict:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(rt, "reset", broken)
+    monkeypatch.setattr(box_rt, "reset", broken)
     async with _client(app, TOKEN) as old, _client(app, NEW) as new:
         r = await old.post("/v1/reset", json={"token": NEW})
         assert r.status_code == 500
@@ -168,8 +158,8 @@ async def test_a_failed_reset_keeps_the_token(rt, monkeypatch) -> None:
         assert (await new.get("/v1/healthz")).status_code == 401
 
 
-async def test_of_two_racing_resets_one_wins(rt) -> None:
-    app = create_app(rt, TOKEN)
+async def test_of_two_racing_resets_one_wins(box_rt) -> None:
+    app = create_app(box_rt, TOKEN)
     a, b = "token-of-reset-a-0000000", "token-of-reset-b-1111111"
     async with _client(app, TOKEN) as old, _client(app, a) as ca, _client(app, b) as cb:
         ra, rb = await asyncio.gather(

@@ -11,17 +11,15 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 import corral
+from corral.bench.box_bench import start_box, stop_box
 from corral.client import AsyncBoxClient, BoxClient, Entry, ShellChunk, ShellResult
 
 box_app = pytest.importorskip("corral.box.app", reason="the box server (corral/box/app.py) has not landed")
@@ -240,47 +238,14 @@ async def test_mcp_tools(box, tmp_path: Path) -> None:
 # --- a real box subprocess, driven by the sync client ---------------------
 
 
-def _start_box(tmp_path: Path, token: str) -> tuple[subprocess.Popen, int]:
-    workspace = tmp_path / "ws"
-    workspace.mkdir(exist_ok=True)
-    ready = tmp_path / "ready.json"
-    env = {**os.environ, "SECRET_TOKEN": token}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "corral.box", "--host", "127.0.0.1", "--port", "0",
-         "--workspace", str(workspace), "--ready-file", str(ready)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"box exited with {proc.returncode}: {proc.stdout.read().decode(errors='replace')}")
-        if time.monotonic() > deadline:
-            _stop(proc)
-            raise RuntimeError("box did not write its ready file within 60s")
-        time.sleep(0.05)
-    return proc, json.loads(ready.read_text())["port"]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        # The box leads its own session: signal the group so its kernel and shells go too.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    if proc.stdout:
-        proc.stdout.close()
-
-
 @pytest.fixture
 def box_process(tmp_path: Path):
-    proc, port = _start_box(tmp_path, TOKEN)
+    # the box's output goes to the test's captured output
+    proc, port = start_box(tmp_path, TOKEN)
     try:
         yield proc, f"http://127.0.0.1:{port}"
     finally:
-        _stop(proc)
+        stop_box(proc)
 
 
 def test_sync_client_against_a_real_box_process(box_process, tmp_path: Path) -> None:
@@ -323,7 +288,7 @@ def test_sync_client_sees_a_dead_box_as_unreachable(box_process) -> None:
     proc, url = box_process
     with BoxClient(url, TOKEN, timeout=5) as box:
         box.wait_ready(30)
-        _stop(proc)
+        stop_box(proc)
         with pytest.raises(corral.SandboxUnreachable) as info:
             box.shell("true")
         assert info.value.retryable and TOKEN not in str(info.value)

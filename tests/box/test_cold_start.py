@@ -9,12 +9,14 @@ MCP calls never wait for a kernel; the first cell starts it and waits for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import AsyncIterator
 
 import httpx
 import pytest
@@ -35,117 +37,108 @@ def hiding_dir(tmp_path: Path) -> Path:
     return d
 
 
-async def _runtime(tmp_path: Path) -> BoxRuntime:
+@contextlib.asynccontextmanager
+async def _runtime(tmp_path: Path, start: bool = True) -> AsyncIterator[BoxRuntime]:
+    """A box runtime under ``tmp_path`` (started unless ``start`` is False), closed when the block ends."""
     rt = BoxRuntime(tmp_path / "ws", tmp_path / "home")
-    await rt.start()
-    return rt
+    try:
+        if start:
+            await rt.start()
+        yield rt
+    finally:
+        await rt.close()
+
+
+@contextlib.asynccontextmanager
+async def _serving(tmp_path: Path) -> AsyncIterator[tuple[BoxRuntime, httpx.AsyncClient]]:
+    """A started runtime and a client of its app, in-process."""
+    async with _runtime(tmp_path) as rt, api_client(rt) as api:
+        yield rt, api
 
 
 async def test_a_started_box_answers_shell_and_files_without_a_kernel(tmp_path: Path) -> None:
-    rt = await _runtime(tmp_path)
-    try:
-        async with api_client(rt) as api:
-            zygote = rt.kernel.pids()
-            # the start checked that a kernel can run: the fork server is up; no kernel runs
-            assert len(zygote) == 1 and rt.kernel.pid() is None and not rt.kernel.started()
-            r = await api.post("/v1/shell", json={"command": "echo cold"})
-            assert r.status_code == 200 and r.json()["stdout"] == "cold\n"
-            r = await api.post("/fastapi/tools/run_shell_command", json={"command": "echo ref"})
-            assert r.json()["content"][0]["text"] == "ref\n"
-            assert (await api.put("/v1/files", params={"path": "a.txt"}, content=b"x")).status_code == 200
-            assert (await api.get("/v1/files/list")).json()
-            assert (await api.post("/v1/session", json={"env": {"TASK": "t1"}})).status_code == 200
-            assert (await api.get("/v1/info")).json()["kernel"] == {"alive": False}
-            # none of that started a kernel
-            assert rt.kernel.pid() is None and not rt.kernel.started() and rt.kernel.pids() == zygote
-    finally:
-        await rt.close()
+    async with _serving(tmp_path) as (rt, api):
+        zygote = rt.kernel.pids()
+        # the start checked that a kernel can run: the fork server is up; no kernel runs
+        assert len(zygote) == 1 and rt.kernel.pid() is None and not rt.kernel.started()
+        r = await api.post("/v1/shell", json={"command": "echo cold"})
+        assert r.status_code == 200 and r.json()["stdout"] == "cold\n"
+        r = await api.post("/fastapi/tools/run_shell_command", json={"command": "echo ref"})
+        assert r.json()["content"][0]["text"] == "ref\n"
+        assert (await api.put("/v1/files", params={"path": "a.txt"}, content=b"x")).status_code == 200
+        assert (await api.get("/v1/files/list")).json()
+        assert (await api.post("/v1/session", json={"env": {"TASK": "t1"}})).status_code == 200
+        assert (await api.get("/v1/info")).json()["kernel"] == {"alive": False}
+        # none of that started a kernel
+        assert rt.kernel.pid() is None and not rt.kernel.started() and rt.kernel.pids() == zygote
 
 
 async def test_the_first_cell_starts_the_kernel_and_waits_for_it(tmp_path: Path) -> None:
-    rt = await _runtime(tmp_path)
-    try:
-        async with api_client(rt) as api:
-            assert (await api.post("/v1/session", json={"env": {"TASK": "t2"}})).status_code == 200
+    async with _serving(tmp_path) as (rt, api):
+        assert (await api.post("/v1/session", json={"env": {"TASK": "t2"}})).status_code == 200
 
-            async def first(i: int) -> dict:
-                r = await api.post("/v1/python", json={"code": f"import os\n({i}, os.environ['TASK'])"})
-                assert r.status_code == 200, r.text
-                return r.json()
+        async def first(i: int) -> dict:
+            r = await api.post("/v1/python", json={"code": f"import os\n({i}, os.environ['TASK'])"})
+            assert r.status_code == 200, r.text
+            return r.json()
 
-            async def shell_during_boot() -> float:
-                await asyncio.sleep(0.05)  # the cells have asked for the kernel
-                t0 = time.perf_counter()
-                r = await api.post("/v1/shell", json={"command": "echo meanwhile"})
-                assert r.json()["stdout"] == "meanwhile\n"
-                return time.perf_counter() - t0
-
+        async def shell_during_boot() -> float:
+            await asyncio.sleep(0.05)  # the cells have asked for the kernel
             t0 = time.perf_counter()
-            a, b, shell_s = await asyncio.gather(first(1), first(2), shell_during_boot())
-            cells_s = time.perf_counter() - t0
-            # both cells waited for the one kernel the first of them started (with the session env)
-            assert a["status"] == b["status"] == "ok", (a, b)
-            assert {a["result"]["text/plain"], b["result"]["text/plain"]} == {"(1, 't2')", "(2, 't2')"}
-            assert rt.kernel.pid() is not None and (await api.get("/v1/info")).json()["kernel"]["alive"]
-            # the shell call did not wait for the kernel's boot
-            assert shell_s < cells_s, (shell_s, cells_s)
-            # the kernel is the fork server's child: forked, not spawned
-            assert rt.kernel.pids() - {rt.kernel.pid()}
-            r = await api.post("/v1/python", json={"code": "x = 41\nx + 1"})
-            assert r.json()["result"]["text/plain"] == "42"
-    finally:
-        await rt.close()
+            r = await api.post("/v1/shell", json={"command": "echo meanwhile"})
+            assert r.json()["stdout"] == "meanwhile\n"
+            return time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        a, b, shell_s = await asyncio.gather(first(1), first(2), shell_during_boot())
+        cells_s = time.perf_counter() - t0
+        # both cells waited for the one kernel the first of them started (with the session env)
+        assert a["status"] == b["status"] == "ok", (a, b)
+        assert {a["result"]["text/plain"], b["result"]["text/plain"]} == {"(1, 't2')", "(2, 't2')"}
+        assert rt.kernel.pid() is not None and (await api.get("/v1/info")).json()["kernel"]["alive"]
+        # the shell call did not wait for the kernel's boot
+        assert shell_s < cells_s, (shell_s, cells_s)
+        # the kernel is the fork server's child: forked, not spawned
+        assert rt.kernel.pids() - {rt.kernel.pid()}
+        r = await api.post("/v1/python", json={"code": "x = 41\nx + 1"})
+        assert r.json()["result"]["text/plain"] == "42"
 
 
 async def test_a_reset_starts_a_new_kernel_only_where_one_ran(tmp_path: Path) -> None:
-    rt = await _runtime(tmp_path)
-    try:
-        async with api_client(rt) as api:
-            # a session that ran only shell commands: the reset leaves the box without a kernel
-            await api.post("/v1/shell", json={"command": "true"})
-            assert (await api.post("/v1/reset", json={"restart_kernel": True})).status_code == 200
-            assert not rt.kernel.started()
-            # one that ran Python: a fresh kernel boots in the background after the reset
-            assert (await api.post("/v1/python", json={"code": "v = 1"})).json()["status"] == "ok"
-            old = rt.kernel.pid()
-            assert (await api.post("/v1/reset", json={"restart_kernel": True})).status_code == 200
-            assert rt.kernel.started()
-            r = await api.post("/v1/python", json={"code": "'v' in dir()"})
-            assert r.json()["result"]["text/plain"] == "False" and rt.kernel.pid() != old
-            assert not process_alive(old)
-    finally:
-        await rt.close()
+    async with _serving(tmp_path) as (rt, api):
+        # a session that ran only shell commands: the reset leaves the box without a kernel
+        await api.post("/v1/shell", json={"command": "true"})
+        assert (await api.post("/v1/reset", json={"restart_kernel": True})).status_code == 200
+        assert not rt.kernel.started()
+        # one that ran Python: a fresh kernel boots in the background after the reset
+        assert (await api.post("/v1/python", json={"code": "v = 1"})).json()["status"] == "ok"
+        old = rt.kernel.pid()
+        assert (await api.post("/v1/reset", json={"restart_kernel": True})).status_code == 200
+        assert rt.kernel.started()
+        r = await api.post("/v1/python", json={"code": "'v' in dir()"})
+        assert r.json()["result"]["text/plain"] == "False" and rt.kernel.pid() != old
+        assert not process_alive(old)
 
 
 async def test_a_namespace_reset_without_a_kernel_starts_none(tmp_path: Path) -> None:
-    rt = await _runtime(tmp_path)
-    try:
-        async with api_client(rt) as api:
-            assert (await api.post("/v1/reset", json={"restart_kernel": False})).status_code == 200
-            assert not rt.kernel.started()
-    finally:
-        await rt.close()
+    async with _serving(tmp_path) as (rt, api):
+        assert (await api.post("/v1/reset", json={"restart_kernel": False})).status_code == 200
+        assert not rt.kernel.started()
 
 
 async def test_a_kernel_environment_without_ipykernel_fails_the_start(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(hiding_dir(tmp_path)))
-    rt = BoxRuntime(tmp_path / "ws", tmp_path / "home")
-    try:
+    async with _runtime(tmp_path, start=False) as rt:
         with pytest.raises(SandboxError, match="cannot run in this sandbox.*cannot find ipykernel"):
             await rt.start()
-    finally:
-        await rt.close()
 
 
 async def test_an_interpreter_that_cannot_start_fails_the_start(tmp_path: Path, monkeypatch) -> None:
     # PYTHONHOME pointing nowhere: the kernel's interpreter dies before it runs a line
     monkeypatch.setenv("PYTHONHOME", str(tmp_path / "nowhere"))
-    rt = BoxRuntime(tmp_path / "ws", tmp_path / "home")
-    try:
+    async with _runtime(tmp_path, start=False) as rt:
         with pytest.raises(SandboxError, match="cannot run in this sandbox.*fork server did not start.*exited"):
             await rt.start()
-    finally:
-        await rt.close()
 
 
 async def test_a_kernel_import_that_fails_says_so_in_the_first_cell(tmp_path: Path) -> None:
@@ -153,17 +146,14 @@ async def test_a_kernel_import_that_fails_says_so_in_the_first_cell(tmp_path: Pa
     broken = tmp_path / "broken"
     (broken / "tornado").mkdir(parents=True)
     (broken / "tornado" / "__init__.py").write_text("raise ImportError('this tornado is broken')\n")
-    rt = BoxRuntime(tmp_path / "ws", tmp_path / "home")
-    rt.session_env["PYTHONPATH"] = str(broken)
-    try:
+    async with _runtime(tmp_path, start=False) as rt:
+        rt.session_env["PYTHONPATH"] = str(broken)
         await rt.start()
         async with api_client(rt) as api:
             r = await api.post("/v1/python", json={"code": "1"})
             assert r.status_code == 503, r.text
             message = r.json()["error"]["message"]
             assert "importing the kernel's modules failed" in message and "this tornado is broken" in message
-    finally:
-        await rt.close()
 
 
 # -- the real process ------------------------------------------------------------------------------

@@ -16,6 +16,14 @@ def ws(tmp_path: Path) -> Workspace:
     return Workspace(tmp_path / "root")
 
 
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory beside the workspace root, outside the workspace."""
+    d = tmp_path / "outside"
+    d.mkdir()
+    return d
+
+
 def test_relative_absolute_and_alias_paths_resolve_inside(ws: Workspace) -> None:
     root = ws.root
     assert ws.resolve("a/b.txt") == root / "a" / "b.txt"
@@ -45,9 +53,7 @@ def test_a_sibling_sharing_the_prefix_is_forbidden(ws: Workspace) -> None:
         ws.resolve("/workspace2/x")
 
 
-def test_symlinks_pointing_out_are_forbidden(ws: Workspace, tmp_path: Path) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
+def test_symlinks_pointing_out_are_forbidden(ws: Workspace, outside: Path) -> None:
     (outside / "secret.txt").write_text("secret")
     os.symlink(outside / "secret.txt", ws.root / "file_link")
     os.symlink(outside, ws.root / "dir_link")
@@ -87,9 +93,7 @@ async def test_write_read_list_and_entries(ws: Workspace) -> None:
         ws.list(".", depth=0)
 
 
-def test_list_does_not_enter_symlinked_dirs(ws: Workspace, tmp_path: Path) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
+def test_list_does_not_enter_symlinked_dirs(ws: Workspace, outside: Path) -> None:
     (outside / "hidden.txt").write_text("x")
     os.symlink(outside, ws.root / "link")
     entries = ws.list(".", depth=5)
@@ -134,9 +138,7 @@ def test_mkdir_delete_move(ws: Workspace) -> None:
         ws.delete(".")
 
 
-def test_wipe_empties_the_root_without_following_links(ws: Workspace, tmp_path: Path) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
+def test_wipe_empties_the_root_without_following_links(ws: Workspace, outside: Path) -> None:
     (outside / "keep.txt").write_text("keep")
     (ws.root / "d" / "e").mkdir(parents=True)
     (ws.root / "d" / "e" / "f").write_text("x")

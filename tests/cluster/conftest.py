@@ -14,7 +14,6 @@ a process joins one Ray cluster, and the other layers share the session's local 
 from __future__ import annotations
 
 import os
-import uuid
 
 # The heads and workers ``ray start`` makes use token auth; this process joins them, and Ray reads
 # the mode once, when it first configures itself: before anything here imports Ray.
@@ -23,6 +22,7 @@ os.environ["RAY_AUTH_MODE"] = "token"
 import pytest
 
 from corral.testing.netns import NetnsCluster, netns_problem
+from tests.support.managers import config_factory, manager_factory
 
 pytestmark = pytest.mark.cluster
 
@@ -65,33 +65,9 @@ def cluster():
 
 @pytest.fixture
 def cluster_config(cluster, tmp_path):
-    from corral.models import SandboxManagerEnvConfig
-
-    def make(**kw):
-        kw.setdefault("namespace", "c-" + uuid.uuid4().hex[:10])
-        kw.setdefault("state_dir", str(tmp_path / "state"))
-        kw.setdefault("default_mount_dir", str(tmp_path / "mounts"))
-        kw.setdefault("watcher_scan_interval", 0.2)
-        kw.setdefault("spare_sessions", 1)
-        kw.setdefault("node_resource", "corral_sandbox")
-        return SandboxManagerEnvConfig(**kw)
-
-    return make
+    return config_factory(tmp_path, "c-", node_resource="corral_sandbox")
 
 
 @pytest.fixture
 def cluster_manager(cluster, cluster_config):
-    from corral.manager import SandboxManager, down
-
-    made = []
-
-    def make(**kw):
-        m = SandboxManager(cluster_config(**kw))
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.close()
-        out = down(m.config, timeout=60)
-        assert out["containers_left"] == 0, f"namespace {m.config.namespace} leaked containers"
+    yield from manager_factory(cluster_config, down_timeout=60)

@@ -31,15 +31,14 @@ async def driver(request, tmp_path_factory):
         from corral.drivers.docker import DockerDriver
 
         d = DockerDriver(testkit.driver_config())
-    yield d
-    await d.close()
+    async with testkit.closing(d):
+        yield d
 
 
 @pytest.fixture
 async def sandboxes(driver):
-    t = testkit.Tracker(driver)
-    yield t
-    await t.cleanup()
+    async with testkit.Tracker(driver) as t:
+        yield t
 
 
 @pytest.fixture

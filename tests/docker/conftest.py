@@ -27,16 +27,14 @@ def docker_ready():
 async def docker_driver(docker_ready):
     from corral.drivers.docker import DockerDriver
 
-    d = DockerDriver(testkit.driver_config())
-    yield d
-    await d.close()
+    async with testkit.closing(DockerDriver(testkit.driver_config())) as d:
+        yield d
 
 
 @pytest.fixture
 async def tracker(docker_driver):
-    t = testkit.Tracker(docker_driver)
-    yield t
-    await t.cleanup()
+    async with testkit.Tracker(docker_driver) as t:
+        yield t
 
 
 @pytest.fixture

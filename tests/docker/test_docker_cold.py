@@ -11,25 +11,15 @@ import httpx
 import pytest
 
 import corral
-from corral.drivers.base import ContainerSpec
-from tests.support.docker import unique_name
+from tests.support.docker import BOX_AUTH, box_spec, unique_name
 from tests.support.images import HIDE_IPYKERNEL
 
 pytestmark = pytest.mark.docker
 
-TOKEN = "docker-cold-test-token-0123"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-
-def _spec(image: str, **kw) -> ContainerSpec:
-    kw.setdefault("name", unique_name("cold"))
-    return ContainerSpec(image=image, token=TOKEN, **kw)
-
 
 async def test_a_started_container_answers_shell_with_no_kernel_then_runs_a_cell(tracker, docker_ready):
-    h = await tracker.create(_spec(docker_ready))
-    async with httpx.AsyncClient(base_url=h.url, headers=AUTH, timeout=120, trust_env=False) as http:
+    h = await tracker.create(box_spec(docker_ready, "cold"))
+    async with httpx.AsyncClient(base_url=h.url, headers=BOX_AUTH, timeout=120, trust_env=False) as http:
         r = await http.post("/fastapi/tools/run_shell_command", json={"command": "echo cyc; ps -eo args"})
         out = r.json()["content"][0]["text"]
         assert out.startswith("cyc\n")
@@ -50,7 +40,7 @@ async def test_a_container_whose_environment_cannot_run_a_kernel_fails_its_start
             f.write(HIDE_IPYKERNEL)
         os.chmod(os.path.join(hide, "sitecustomize.py"), 0o644)
         name = unique_name("nokernel")
-        spec = _spec(docker_ready, name=name, readonly_mounts={hide: "/opt/hide"},
+        spec = box_spec(docker_ready, "cold", name=name, readonly_mounts={hide: "/opt/hide"},
                      environment={"PYTHONPATH": "/opt/hide"})
         with pytest.raises(corral.DriverError) as err:
             await tracker.create(spec)

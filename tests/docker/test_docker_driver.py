@@ -17,29 +17,21 @@ import pytest
 import corral
 from tests.support import docker as testkit
 from corral.drivers.base import ContainerSpec
-from tests.support.docker import unique_name
+from tests.support.docker import BOX_AUTH, BOX_TOKEN, box_spec, unique_name
 
 pytestmark = pytest.mark.docker
 
-TOKEN = "docker-test-token-5b1e"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _spec(image: str, **kw) -> ContainerSpec:
-    kw.setdefault("name", unique_name("d"))
-    return ContainerSpec(image=image, token=TOKEN, **kw)
-
 
 def _shell(url: str, command: str) -> dict:
-    r = httpx.post(f"{url}/v1/shell", json={"command": command}, headers=AUTH, timeout=30, trust_env=False)
+    r = httpx.post(f"{url}/v1/shell", json={"command": command}, headers=BOX_AUTH, timeout=30, trust_env=False)
     assert r.status_code == 200, r.text
     return r.json()
 
 
 async def test_container_settings_visible_in_docker_inspect(tracker, docker_client, docker_ready, tmp_path):
     h = await tracker.create(
-        _spec(docker_ready, cpus=0.5, memory="256m", pids_limit=64, labels={"corral.sandbox_type": "inspect"},
-              workspace=str(tmp_path / "ws"))
+        box_spec(docker_ready, cpus=0.5, memory="256m", pids_limit=64, labels={"corral.sandbox_type": "inspect"},
+                 workspace=str(tmp_path / "ws"))
     )
     attrs = docker_client.api.inspect_container(h.container_id)
     hc = attrs["HostConfig"]
@@ -62,7 +54,7 @@ async def test_container_settings_visible_in_docker_inspect(tracker, docker_clie
     assert "/tmp" in hc["Tmpfs"] and "mode=1777" in hc["Tmpfs"]["/tmp"]
     assert attrs["Config"]["User"] == "1000:1000"
     # The token is in none of the container's settings; stdin is open for one attach (the token's way in).
-    assert TOKEN not in repr(attrs)
+    assert BOX_TOKEN not in repr(attrs)
     assert not any(e.startswith("SECRET_TOKEN=") for e in attrs["Config"]["Env"])
     assert attrs["Config"]["OpenStdin"] is True and attrs["Config"]["StdinOnce"] is True
     # On the tests' own corral network, IPv4 only.
@@ -81,7 +73,7 @@ async def test_walls_hold_from_inside(tracker, docker_ready, tmp_path):
     data.mkdir()
     (data / "f.txt").write_text("read me")
     ws = tmp_path / "ws"
-    h = await tracker.create(_spec(docker_ready, workspace=str(ws), readonly_mounts={str(data): "/data"}))
+    h = await tracker.create(box_spec(docker_ready, workspace=str(ws), readonly_mounts={str(data): "/data"}))
 
     assert _shell(h.url, "cat /data/f.txt")["stdout"] == "read me"
     denied = _shell(h.url, "echo x > /data/new.txt")
@@ -106,22 +98,22 @@ async def test_walls_hold_from_inside(tracker, docker_ready, tmp_path):
 
 
 async def test_python_cell_runs_on_read_only_root(tracker, docker_ready):
-    h = await tracker.create(_spec(docker_ready))
+    h = await tracker.create(box_spec(docker_ready))
     async with httpx.AsyncClient(timeout=120, trust_env=False) as http:
         r = await http.post(f"{h.url}/v1/python", json={"code": "import os\nx = 6 * 7\nprint(x, os.getuid())"},
-                            headers=AUTH)
+                            headers=BOX_AUTH)
         assert r.status_code == 200, r.text
         out = r.json()
         assert out["status"] == "ok", out
         assert out["stdout"].strip() == "42 1000"
         # State is kept between cells: it is one kernel.
-        r = await http.post(f"{h.url}/v1/python", json={"code": "x + 1"}, headers=AUTH)
+        r = await http.post(f"{h.url}/v1/python", json={"code": "x + 1"}, headers=BOX_AUTH)
         assert r.json()["result"]["text/plain"] == "43"
 
 
 async def test_a_kernel_cannot_reach_into_the_fork_server_it_came_from(tracker, docker_ready):
     """Kernels fork from a per-box server; a session must not be able to plant code in it for the next."""
-    h = await tracker.create(_spec(docker_ready))
+    h = await tracker.create(box_spec(docker_ready))
     code = (
         "import os\nppid = os.getppid()\n"
         "cmd = open(f'/proc/{ppid}/cmdline', 'rb').read().split(b'\\0')\n"
@@ -130,7 +122,7 @@ async def test_a_kernel_cannot_reach_into_the_fork_server_it_came_from(tracker, 
         "print(b'--fork-server' in cmd, mem, os.stat(f'/proc/{ppid}/mem').st_uid, os.stat('/proc/self/mem').st_uid)"
     )
     async with httpx.AsyncClient(timeout=120, trust_env=False) as http:
-        r = await http.post(f"{h.url}/v1/python", json={"code": code}, headers=AUTH)
+        r = await http.post(f"{h.url}/v1/python", json={"code": code}, headers=BOX_AUTH)
         assert r.status_code == 200, r.text
         forked, mem, server_owner, own_owner = r.json()["stdout"].split()
     assert forked == "True"  # this kernel was forked by the server
@@ -139,14 +131,14 @@ async def test_a_kernel_cannot_reach_into_the_fork_server_it_came_from(tracker, 
 
 
 async def test_without_a_workspace_the_box_gets_a_scratch_one(tracker, docker_ready):
-    h = await tracker.create(_spec(docker_ready))
+    h = await tracker.create(box_spec(docker_ready))
     out = _shell(h.url, "echo scratch > s.txt && cat s.txt && stat -c %u /workspace")
     assert out["exit_code"] == 0, out
     assert out["stdout"].split() == ["scratch", "1000"]
 
 
 async def test_stop_is_handled_by_sigterm(tracker, docker_driver, docker_client, docker_ready):
-    h = await tracker.create(_spec(docker_ready))
+    h = await tracker.create(box_spec(docker_ready))
     t0 = time.monotonic()
     await docker_driver.stop(h.container_id, timeout=10)
     elapsed = time.monotonic() - t0
@@ -160,7 +152,7 @@ async def test_stop_is_handled_by_sigterm(tracker, docker_driver, docker_client,
 
 
 async def test_the_driver_makes_its_network_with_inter_container_traffic_off(tracker, docker_client, docker_ready):
-    await tracker.create(_spec(docker_ready))
+    await tracker.create(box_spec(docker_ready))
     net = docker_client.api.inspect_network(testkit.TEST_NETWORK)
     assert net["Driver"] == "bridge" and net["Labels"]["corral.managed"] == "true"
     assert net["Options"]["com.docker.network.bridge.enable_icc"] == "false"
@@ -169,16 +161,16 @@ async def test_the_driver_makes_its_network_with_inter_container_traffic_off(tra
 
 
 async def test_a_stopped_box_gets_its_token_again_at_start(tracker, docker_driver, docker_ready):
-    h = await tracker.create(_spec(docker_ready))
+    h = await tracker.create(box_spec(docker_ready))
     await docker_driver.stop(h.container_id, timeout=5)
     with pytest.raises(corral.InvalidRequest, match="token"):
         await docker_driver.start(h.container_id)  # nothing in the sandbox kept it
     assert await docker_driver.status(h.container_id) == "exited"
-    await docker_driver.start(h.container_id, TOKEN)
+    await docker_driver.start(h.container_id, BOX_TOKEN)
     again = await docker_driver.inspect(h.container_id)
     assert again.status == "running"
     assert _shell(again.url, "echo back")["stdout"] == "back\n"
-    await docker_driver.start(h.container_id, TOKEN)  # running: nothing to do
+    await docker_driver.start(h.container_id, BOX_TOKEN)  # running: nothing to do
     # A rotated token (a reuse reset) is the one a restart hands over.
     await docker_driver.stop(h.container_id, timeout=5)
     rotated = "rotated-docker-token-00aa"
@@ -186,13 +178,13 @@ async def test_a_stopped_box_gets_its_token_again_at_start(tracker, docker_drive
     url = (await docker_driver.inspect(h.container_id)).url
     r = httpx.get(f"{url}/v1/healthz", headers={"Authorization": f"Bearer {rotated}"}, timeout=10, trust_env=False)
     assert r.status_code == 200
-    assert httpx.get(f"{url}/v1/healthz", headers=AUTH, timeout=10, trust_env=False).status_code == 401
+    assert httpx.get(f"{url}/v1/healthz", headers=BOX_AUTH, timeout=10, trust_env=False).status_code == 401
 
 
 async def test_teardown_is_refused_while_a_sandbox_is_on_the_network(tracker, docker_ready):
     from corral.drivers.docker import DockerDriver
 
-    await tracker.create(_spec(docker_ready))
+    await tracker.create(box_spec(docker_ready))
     other = DockerDriver(testkit.driver_config())
     try:
         with pytest.raises(corral.Conflict, match="still has"):
@@ -203,11 +195,11 @@ async def test_teardown_is_refused_while_a_sandbox_is_on_the_network(tracker, do
 
 async def test_bad_input_is_a_clear_error(docker_driver, docker_ready, tmp_path):
     with pytest.raises(corral.InvalidRequest, match="does not exist"):
-        await docker_driver.create(_spec(docker_ready, readonly_mounts={str(tmp_path / "nope"): "/data"}))
+        await docker_driver.create(box_spec(docker_ready, readonly_mounts={str(tmp_path / "nope"): "/data"}))
     with pytest.raises(corral.InvalidRequest, match="absolute"):
-        await docker_driver.create(_spec(docker_ready, readonly_mounts={str(tmp_path): "data"}))
+        await docker_driver.create(box_spec(docker_ready, readonly_mounts={str(tmp_path): "data"}))
     with pytest.raises(corral.InvalidRequest, match="memory"):
-        await docker_driver.create(_spec(docker_ready, memory="lots"))
+        await docker_driver.create(box_spec(docker_ready, memory="lots"))
     for token in ("", "   ", "short-token"):
         with pytest.raises(corral.InvalidRequest, match="token"):
             await docker_driver.create(ContainerSpec(name=unique_name("tok"), image=docker_ready, token=token))
@@ -215,13 +207,13 @@ async def test_bad_input_is_a_clear_error(docker_driver, docker_ready, tmp_path)
 
 async def test_missing_image_names_the_fix(docker_driver, docker_ready):
     with pytest.raises(corral.DriverError, match="build-image.sh"):
-        await docker_driver.create(_spec("corral-no-such-image:never"))
+        await docker_driver.create(box_spec("corral-no-such-image:never"))
 
 
 async def test_crashing_box_fails_fast_with_its_logs(tracker, docker_client, docker_ready):
     # PYTHONHOME pointing nowhere makes the interpreter die at start-up.
     name = unique_name("crash")
-    spec = _spec(docker_ready, name=name, environment={"PYTHONHOME": "/nowhere"}, ready_timeout=60)
+    spec = box_spec(docker_ready, name=name, environment={"PYTHONHOME": "/nowhere"}, ready_timeout=60)
     t0 = time.monotonic()
     with pytest.raises(corral.DriverError) as err:
         await tracker.create(spec)

@@ -12,12 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import corral
 from corral import SandboxManager
+from corral.testing.waiting import stop_process, wait_ready_file
 
 from _gateway_helpers import self_signed
 
@@ -27,15 +27,6 @@ pytestmark = pytest.mark.ray
 def _serve(args: list, env: dict, log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", *args], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_ready(proc: subprocess.Popen, ready, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while not ready.exists():
-        assert proc.poll() is None, f"the gateway exited with code {proc.returncode}"
-        assert time.monotonic() < deadline, "the gateway wrote no ready file"
-        time.sleep(0.1)
-    return json.loads(ready.read_text())
 
 
 def test_standalone_refuses_to_start_without_tokens(tmp_path, ray_cluster):
@@ -69,7 +60,7 @@ def test_standalone_over_tls_with_a_tokens_file(tmp_path, ray_cluster, corral_co
                        "--certfile", certfile, "--keyfile", keyfile, "--config", str(tmp_path / "config.json"),
                        "--pool-size", "1", "--ready-file", str(ready)], env, log)
         try:
-            url = _wait_ready(proc, ready)["url"]
+            url = wait_ready_file(proc, ready, 120, "the gateway", every=0.1)["url"]
             assert url.startswith("https://127.0.0.1:")
             embedded = make_manager(config=cfg)  # the same namespace: torn down after the test
             m = SandboxManager(base_url=url, bearer_token=tokens.a, verify=certfile)
@@ -92,12 +83,7 @@ def test_standalone_over_tls_with_a_tokens_file(tmp_path, ray_cluster, corral_co
             with pytest.raises(corral.Unauthorized):
                 SandboxManager(base_url=url, bearer_token="wrong-" + tokens.b, verify=certfile).status()
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc, signal.SIGINT, grace=30)
     text = log_path.read_text(errors="replace")
     assert "corral gateway on https://127.0.0.1:" in text and "alpha POST /acquire 200" in text
     for secret in (tokens.a, tokens.b, tokens.a2, box_token, tokens.a[:10], tokens.b[:10], box_token[:10]):

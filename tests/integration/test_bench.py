@@ -6,16 +6,13 @@ episode's answers checked): speed is printed by the benchmark, never asserted.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from corral.bench.rollout import BenchParams, main, run
 from corral.errors import InvalidRequest
+from tests.support.bench import PCTS, written_result
 
 pytestmark = pytest.mark.ray
-
-PCTS = {"p50", "p95", "p99"}
 
 
 def test_quick_bench_shape(ray_cluster, tmp_path):
@@ -24,8 +21,7 @@ def test_quick_bench_shape(ray_cluster, tmp_path):
                     namespace_prefix="t-bench")
     result = run(p, str(tmp_path))
 
-    data = json.loads((tmp_path / "bench.json").read_text())
-    assert data == json.loads(json.dumps(result))
+    data = written_result(tmp_path, "bench", result)
     assert set(data) == {"systems", "machine", "params"}
     assert set(data["systems"]) == {"corral", "corral_destroy", "cold", "direct"}
     for name in ("corral", "corral_destroy", "cold"):
@@ -49,15 +45,16 @@ def test_quick_bench_shape(ray_cluster, tmp_path):
     assert {"cpu_count", "cpu_model", "memory_gib", "python", "ray", "date"} <= set(m)
     assert data["params"]["workers"] == 2 and data["params"]["driver"] == "process"
 
-    png = (tmp_path / "bench.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+@pytest.mark.parametrize("kw,match", [
+    ({"workers": 0}, "workers"),
+    ({"systems": ("docker_bare",)}, "docker_bare"),
+    ({"systems": ("nope",)}, "unknown system"),
+])
+def test_bad_input_is_a_clear_error(kw, match):
+    with pytest.raises(InvalidRequest, match=match):
+        BenchParams(**kw).validate()
 
 
-def test_bad_input_is_a_clear_error():
-    with pytest.raises(InvalidRequest, match="workers"):
-        BenchParams(workers=0).validate()
-    with pytest.raises(InvalidRequest, match="docker_bare"):
-        BenchParams(systems=("docker_bare",)).validate()
-    with pytest.raises(InvalidRequest, match="unknown system"):
-        BenchParams(systems=("nope",)).validate()
+def test_bad_arguments_exit_with_code_2():
     assert main(["--quick", "--workers", "-3", "--no-progress"]) == 2

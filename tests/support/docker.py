@@ -6,7 +6,8 @@ Imported as ``tests.support.docker`` by every test layer that starts containers.
   either FAILS the test when ``CORRAL_REQUIRE_DOCKER=1`` (CI sets it) and
   skips it otherwise, with the reason and the command that fixes it.
 - :class:`Tracker`: every container (or process-driver box) a test makes is
-  recorded and removed at teardown, whatever the test did.
+  recorded and removed at teardown, whatever the test did; :func:`closing`
+  closes a driver when its block ends.
 - :func:`leak_check`: at the end of the session, no container labelled
   ``corral.managed`` that was not there at its start may remain (those found
   are removed, then reported); then the tests' Docker network and its
@@ -22,20 +23,31 @@ import asyncio
 import contextlib
 import os
 import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional
 
 import pytest
 
 from corral.drivers.base import ContainerHandle, ContainerSpec, Driver
 
-__all__ = ["IMAGE", "require_docker", "docker_problem", "Tracker", "leak_check", "unique_name", "driver_config",
-           "TEST_NETWORK", "TEST_SUBNET", "teardown_network"]
+__all__ = ["IMAGE", "require_docker", "docker_problem", "Tracker", "closing", "leak_check", "unique_name",
+           "driver_config", "BOX_TOKEN", "BOX_AUTH", "box_spec", "TEST_NETWORK", "TEST_SUBNET", "teardown_network"]
 
 IMAGE = os.environ.get("CORRAL_IMAGE", "corral-box:latest")
 MANAGED = "corral.managed=true"
 #: The Docker network (and bridge, and iptables chains) the driver tests use: their own subnet.
 TEST_NETWORK = "corral-test"
 TEST_SUBNET = "10.214.0.0/24"
+
+
+#: The box token of the containers the docker tests make, and the header that carries it.
+BOX_TOKEN = "docker-test-token-5b1e"
+BOX_AUTH = {"Authorization": f"Bearer {BOX_TOKEN}"}
+
+
+def box_spec(image: str, prefix: str = "d", **kw: Any) -> ContainerSpec:
+    """A sandbox of ``image`` with :data:`BOX_TOKEN`, named :func:`unique_name` of ``prefix`` unless ``kw`` names it."""
+    kw.setdefault("name", unique_name(prefix))
+    return ContainerSpec(image=image, token=BOX_TOKEN, **kw)
 
 
 def driver_config(**kw: Any):
@@ -126,6 +138,21 @@ class Tracker:
         for cid in reversed(self.ids):
             await self.driver.remove(cid)
         self.ids.clear()
+
+    async def __aenter__(self) -> "Tracker":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def closing(driver: Driver) -> AsyncIterator[Driver]:
+    """``driver``, closed when the block ends."""
+    try:
+        yield driver
+    finally:
+        await driver.close()
 
 
 def _made_by_tests(c) -> bool:

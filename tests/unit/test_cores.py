@@ -468,10 +468,16 @@ def test_a_dead_session_actor_gives_its_session_a_promise():
 # -- session ----------------------------------------------------------------------
 
 
-def test_session_not_due_until_its_own_timeout():
+def _attached_session() -> tuple[SessionCore, Clock]:
+    """A session of timeout 10 s on a clock of its own, with box "a" attached."""
     clock = Clock()
     s = SessionCore("s1", timeout=10, clock=clock)
     s.attach("a", "http://x", "t")
+    return s, clock
+
+
+def test_session_not_due_until_its_own_timeout():
+    s, clock = _attached_session()
     clock.advance(9)
     assert not s.due()
     clock.advance(2)
@@ -479,9 +485,7 @@ def test_session_not_due_until_its_own_timeout():
 
 
 def test_session_box_activity_counts_as_heartbeat():
-    clock = Clock()
-    s = SessionCore("s1", timeout=10, clock=clock)
-    s.attach("a", "http://x", "t")
+    s, clock = _attached_session()
     clock.advance(20)
     assert s.decide({"a": {"last_active_at": clock.t - 5, "running": 0}}) == KEEP
     clock.advance(20)
@@ -489,9 +493,7 @@ def test_session_box_activity_counts_as_heartbeat():
 
 
 def test_session_never_reaped_while_a_call_runs():
-    clock = Clock()
-    s = SessionCore("s1", timeout=10, clock=clock)
-    s.attach("a", "http://x", "t")
+    s, clock = _attached_session()
     clock.advance(1000)
     assert s.decide({"a": {"last_active_at": clock.t - 999, "running": 1}}) == KEEP
     clock.advance(11)

@@ -34,7 +34,7 @@ from corral.models import SESSION_ID_ALPHABET, check_env
 from . import _rt
 from .sandbox import AsyncSandbox
 
-__all__ = ["AsyncOps", "REFERENCE_TOOLS", "OPERATIONS"]
+__all__ = ["AsyncOps", "REFERENCE_TOOLS", "OPERATIONS", "AsyncOpsBase", "live_record", "pop_present"]
 
 #: The manager's operations: the reference's names, then corral's own. Each is a method of
 #: :class:`AsyncOps` and, generated from it (scripts/unasync.py), of ``SandboxManager``, sync and
@@ -111,7 +111,44 @@ def _ident(identity: Any, what: str = "identity") -> str:
     return identity
 
 
-class AsyncOps:
+async def live_record(ops: Any, identity: str) -> dict:
+    """The record of a usable sandbox, asked of ``ops`` (embedded or remote): a reaped session is
+    restored first (the reference's touch); a lost or ended sandbox is SandboxGone."""
+    rec = await ops.get_info(identity)
+    state = rec.get("state")
+    if state == "RECYCLED" and rec.get("session_ctx_id"):
+        await ops.restore_session(rec["session_ctx_id"])
+        rec = await ops.get_info(identity)
+        state = rec.get("state")
+    if state == "LOST":
+        raise SandboxGone(f"sandbox {identity} was lost with its node; restore_session("
+                          f"{rec.get('session_ctx_id')!r}) brings its session back on another node")
+    if state not in ("RUNNING", "WARM"):
+        raise SandboxGone(f"sandbox {identity} is {state}")
+    return rec
+
+
+def pop_present(mapping: dict, keys: Any) -> list:
+    """The values of ``keys`` taken out of ``mapping``; keys it does not hold are passed over."""
+    return [v for v in (mapping.pop(k, None) for k in keys) if v is not None]
+
+
+class AsyncOpsBase:
+    """How the embedded and the remote core close: ``aclose`` closes their connections, as the
+    guard each sets with ``_rt.on_loop_shutdown`` does when the event loop ends first."""
+
+    _shutdown_guard: Any = None
+
+    async def aclose(self) -> None:
+        if self._shutdown_guard is not None:
+            self._shutdown_guard.cancel()
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        raise NotImplementedError
+
+
+class AsyncOps(AsyncOpsBase):
     """The operations (see the module docstring)."""
 
     def __init__(self, cluster: Any, owned: Optional[set] = None) -> None:
@@ -135,11 +172,6 @@ class AsyncOps:
         self._acquirers: dict[str, _rt.Batcher] = {}
         self._releaser = _rt.Batcher(self._send_releases)
         self._registry = _rt.RegistryLink(cluster)  # acquires and releases: the lane on the registry's node
-
-    async def aclose(self) -> None:
-        if self._shutdown_guard is not None:
-            self._shutdown_guard.cancel()
-        await self._close_connections()
 
     async def _close_connections(self) -> None:
         await _rt.drain(self._closing)
@@ -167,11 +199,7 @@ class AsyncOps:
     def _forget_boxes(self, keys: tuple) -> list:
         """Take the box clients of released sandboxes (and any retired ones) out of use."""
         gone, self._retired = self._retired, []
-        for key in keys:
-            box = self._boxes.pop(key, None)
-            if box is not None:
-                gone.append(box)
-        return gone
+        return gone + pop_present(self._boxes, keys)
 
     @staticmethod
     async def _close_boxes(boxes: list) -> None:
@@ -179,19 +207,7 @@ class AsyncOps:
             await box.aclose()
 
     async def _live(self, identity: str) -> dict:
-        """The record of a usable container: a reaped session is restored first (the reference's touch)."""
-        rec = await self.get_info(identity)
-        state = rec.get("state")
-        if state == "RECYCLED" and rec.get("session_ctx_id"):
-            await self.restore_session(rec["session_ctx_id"])
-            rec = await self.get_info(identity)
-            state = rec.get("state")
-        if state == "LOST":
-            raise SandboxGone(f"sandbox {identity} was lost with its node; restore_session("
-                              f"{rec.get('session_ctx_id')!r}) brings its session back on another node")
-        if state not in ("RUNNING", "WARM"):
-            raise SandboxGone(f"sandbox {identity} is {state}")
-        return rec
+        return await live_record(self, identity)
 
     async def _reference_call(self, identity: str, method: str, path: str, body: Optional[dict] = None) -> Any:
         """A call to one of the box's /fastapi routes, answered in the reference's shape."""

@@ -35,7 +35,7 @@ from corral.models import SESSION_ID_ALPHABET, check_env
 from . import _rt
 from .sandbox import Sandbox
 
-__all__ = ["Ops", "REFERENCE_TOOLS", "OPERATIONS"]
+__all__ = ["Ops", "REFERENCE_TOOLS", "OPERATIONS", "OpsBase", "live_record", "pop_present"]
 
 #: The manager's operations: the reference's names, then corral's own. Each is a method of
 #: :class:`Ops` and, generated from it (scripts/unasync.py), of ``SandboxManager``, sync and
@@ -112,7 +112,44 @@ def _ident(identity: Any, what: str = "identity") -> str:
     return identity
 
 
-class Ops:
+def live_record(ops: Any, identity: str) -> dict:
+    """The record of a usable sandbox, asked of ``ops`` (embedded or remote): a reaped session is
+    restored first (the reference's touch); a lost or ended sandbox is SandboxGone."""
+    rec = ops.get_info(identity)
+    state = rec.get("state")
+    if state == "RECYCLED" and rec.get("session_ctx_id"):
+        ops.restore_session(rec["session_ctx_id"])
+        rec = ops.get_info(identity)
+        state = rec.get("state")
+    if state == "LOST":
+        raise SandboxGone(f"sandbox {identity} was lost with its node; restore_session("
+                          f"{rec.get('session_ctx_id')!r}) brings its session back on another node")
+    if state not in ("RUNNING", "WARM"):
+        raise SandboxGone(f"sandbox {identity} is {state}")
+    return rec
+
+
+def pop_present(mapping: dict, keys: Any) -> list:
+    """The values of ``keys`` taken out of ``mapping``; keys it does not hold are passed over."""
+    return [v for v in (mapping.pop(k, None) for k in keys) if v is not None]
+
+
+class OpsBase:
+    """How the embedded and the remote core close: ``close`` closes their connections, as the
+    guard each sets with ``_rt.on_loop_shutdown`` does when the event loop ends first."""
+
+    _shutdown_guard: Any = None
+
+    def close(self) -> None:
+        if self._shutdown_guard is not None:
+            self._shutdown_guard.cancel()
+        self._close_connections()
+
+    def _close_connections(self) -> None:
+        raise NotImplementedError
+
+
+class Ops(OpsBase):
     """The operations (see the module docstring)."""
 
     def __init__(self, cluster: Any, owned: Optional[set] = None) -> None:
@@ -136,11 +173,6 @@ class Ops:
         self._acquirers: dict[str, _rt.Batcher] = {}
         self._releaser = _rt.Batcher(self._send_releases)
         self._registry = _rt.RegistryLink(cluster)  # acquires and releases: the lane on the registry's node
-
-    def close(self) -> None:
-        if self._shutdown_guard is not None:
-            self._shutdown_guard.cancel()
-        self._close_connections()
 
     def _close_connections(self) -> None:
         _rt.drain(self._closing)
@@ -168,11 +200,7 @@ class Ops:
     def _forget_boxes(self, keys: tuple) -> list:
         """Take the box clients of released sandboxes (and any retired ones) out of use."""
         gone, self._retired = self._retired, []
-        for key in keys:
-            box = self._boxes.pop(key, None)
-            if box is not None:
-                gone.append(box)
-        return gone
+        return gone + pop_present(self._boxes, keys)
 
     @staticmethod
     def _close_boxes(boxes: list) -> None:
@@ -180,19 +208,7 @@ class Ops:
             box.close()
 
     def _live(self, identity: str) -> dict:
-        """The record of a usable container: a reaped session is restored first (the reference's touch)."""
-        rec = self.get_info(identity)
-        state = rec.get("state")
-        if state == "RECYCLED" and rec.get("session_ctx_id"):
-            self.restore_session(rec["session_ctx_id"])
-            rec = self.get_info(identity)
-            state = rec.get("state")
-        if state == "LOST":
-            raise SandboxGone(f"sandbox {identity} was lost with its node; restore_session("
-                              f"{rec.get('session_ctx_id')!r}) brings its session back on another node")
-        if state not in ("RUNNING", "WARM"):
-            raise SandboxGone(f"sandbox {identity} is {state}")
-        return rec
+        return live_record(self, identity)
 
     def _reference_call(self, identity: str, method: str, path: str, body: Optional[dict] = None) -> Any:
         """A call to one of the box's /fastapi routes, answered in the reference's shape."""

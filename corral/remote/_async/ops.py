@@ -27,8 +27,9 @@ from corral.client import AsyncBoxClient
 from corral.client._async import _rt as _http_rt
 from corral.client._errors import decode_json, error_from_response, malformed, transport_errors
 from corral.client._http import tls_context
-from corral.errors import Forbidden, InvalidRequest, SandboxGone
+from corral.errors import Forbidden, InvalidRequest
 from corral.manager._async import _rt
+from corral.manager._async.ops import AsyncOpsBase, live_record, pop_present
 from corral.manager._async.sandbox import AsyncSandbox
 
 __all__ = ["AsyncRemoteOps", "REMOTE_TIMEOUT", "CONNECT_TIMEOUT", "DEFAULT_PREFIX"]
@@ -64,7 +65,7 @@ def _waiting(timeout: Any) -> Optional[float]:
     return max(REMOTE_TIMEOUT, timeout + CONNECT_TIMEOUT)
 
 
-class AsyncRemoteOps:
+class AsyncRemoteOps(AsyncOpsBase):
     """The operations over HTTP (see the module docstring)."""
 
     def __init__(
@@ -151,12 +152,7 @@ class AsyncRemoteOps:
         return entry[0]
 
     def _forget_boxes(self, keys: tuple) -> list:
-        gone = []
-        for key in keys:
-            entry = self._boxes.pop(key, None)
-            if entry is not None:
-                gone.append(entry)
-        return gone
+        return pop_present(self._boxes, keys)
 
     @staticmethod
     async def _close_boxes(entries: list) -> None:
@@ -166,19 +162,8 @@ class AsyncRemoteOps:
                 await http.aclose()
 
     async def _live(self, identity: str) -> dict:
-        """The record of a usable sandbox: a reaped session is restored first."""
-        rec = await self.get_info(identity)
-        if rec.get("state") == "RECYCLED" and rec.get("session_ctx_id"):
-            await self.restore_session(rec["session_ctx_id"])
-            rec = await self.get_info(identity)
-        if rec.get("state") not in ("RUNNING", "WARM"):
-            raise SandboxGone(f"sandbox {identity} is {rec.get('state')}")
-        return self._handle_record(rec)
-
-    async def aclose(self) -> None:
-        if self._shutdown_guard is not None:
-            self._shutdown_guard.cancel()
-        await self._close_connections()
+        """The record of a usable sandbox (a reaped session is restored first), as a handle's."""
+        return self._handle_record(await live_record(self, identity))
 
     async def _close_connections(self) -> None:
         await _rt.drain(self._closing)

@@ -28,8 +28,9 @@ from corral.client import BoxClient
 from corral.client._sync import _rt as _http_rt
 from corral.client._errors import decode_json, error_from_response, malformed, transport_errors
 from corral.client._http import tls_context
-from corral.errors import Forbidden, InvalidRequest, SandboxGone
+from corral.errors import Forbidden, InvalidRequest
 from corral.manager._sync import _rt
+from corral.manager._sync.ops import OpsBase, live_record, pop_present
 from corral.manager._sync.sandbox import Sandbox
 
 __all__ = ["RemoteOps", "REMOTE_TIMEOUT", "CONNECT_TIMEOUT", "DEFAULT_PREFIX"]
@@ -65,7 +66,7 @@ def _waiting(timeout: Any) -> Optional[float]:
     return max(REMOTE_TIMEOUT, timeout + CONNECT_TIMEOUT)
 
 
-class RemoteOps:
+class RemoteOps(OpsBase):
     """The operations over HTTP (see the module docstring)."""
 
     def __init__(
@@ -152,12 +153,7 @@ class RemoteOps:
         return entry[0]
 
     def _forget_boxes(self, keys: tuple) -> list:
-        gone = []
-        for key in keys:
-            entry = self._boxes.pop(key, None)
-            if entry is not None:
-                gone.append(entry)
-        return gone
+        return pop_present(self._boxes, keys)
 
     @staticmethod
     def _close_boxes(entries: list) -> None:
@@ -167,19 +163,8 @@ class RemoteOps:
                 http.close()
 
     def _live(self, identity: str) -> dict:
-        """The record of a usable sandbox: a reaped session is restored first."""
-        rec = self.get_info(identity)
-        if rec.get("state") == "RECYCLED" and rec.get("session_ctx_id"):
-            self.restore_session(rec["session_ctx_id"])
-            rec = self.get_info(identity)
-        if rec.get("state") not in ("RUNNING", "WARM"):
-            raise SandboxGone(f"sandbox {identity} is {rec.get('state')}")
-        return self._handle_record(rec)
-
-    def close(self) -> None:
-        if self._shutdown_guard is not None:
-            self._shutdown_guard.cancel()
-        self._close_connections()
+        """The record of a usable sandbox (a reaped session is restored first), as a handle's."""
+        return self._handle_record(live_record(self, identity))
 
     def _close_connections(self) -> None:
         _rt.drain(self._closing)
