@@ -74,7 +74,7 @@ class RegistryActor:
         self.store = JsonlRecordStore(os.path.join(self.config.abs_state_dir(), self.ns, "registry"))
         self.lock = RegistryLock(self.config.abs_state_dir(), self.ns)
         self.nodes = NodeSet(self.config, self.owner)
-        self.sessions = SessionShell(self.config, time.monotonic, self.core)
+        self.sessions = SessionShell(self.config, time.monotonic, self.core, self.nodes)
         self.starts = Starts(self)
         self.upkeep = Upkeep(self)
         self.teardowns = Teardowns(self)
@@ -343,7 +343,8 @@ class RegistryActor:
             namespace=self.ns, owner=self.owner, starts_in_flight=len(self.starts.dispatched),
             tick_errors=self._ticker.errors if self._ticker else 0, started_at=self.started_at, nice=self.nice,
             pid=os.getpid(), node=self.node, acquire_ms=self.callers.acquire_ms.summary(),
-            lane={"path": self._lane.path, "served": self._lane.served} if self._lane else None)
+            lane={"path": self._lane.path, "served": self._lane.served} if self._lane else None,
+            session_mode=self.config.session_mode, session_hosts=await self.sessions.describe_hosts())
 
     # -- shutting down (see actors/shutdown.py) ------------------------------------
 

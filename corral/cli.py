@@ -116,10 +116,15 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return 0
+    clocks = "session slots" if st.get("session_mode") == "hosted" else "session actors"
     print(f"namespace {st['namespace']}: {st['active']} active (limit {st['limit'] or 'none'}), "
-          f"{len(st['sessions'])} sessions, {st['session_actors']} session actors "
+          f"{len(st['sessions'])} sessions, {st['session_actors']} {clocks} "
           f"(+{st['spare_session_actors']} spare), {st['starts_in_flight']} starts in flight, "
-          f"{st['waiting_for_slot']} waiting for a slot")
+          f"{st['waiting_for_slot']} waiting for a slot; session mode {st.get('session_mode', 'actor')}")
+    if st.get("session_hosts"):
+        print("\nsession hosts:")
+        print(_table([{**h, "node": (h.get("node") or "")[:12]} for h in st["session_hosts"]],
+                     ["name", "node", "slots", "bound", "spare", "reaping", "pid"]))
     print("\npools:")
     print(_table(list(st["pools"].values()), ["sandbox_type", "target", "warm", "starting", "resetting", "running",
                                               "waiting", "started_total", "failed_total"]))

@@ -252,7 +252,12 @@ class SandboxManagerEnvConfig(_Config):
     reconcile_interval: float = Field(
         30.0, gt=0, description="Seconds between the registry's reconciliations (containers by label, session actors)."
     )
-    spare_sessions: int = Field(2, ge=0, le=256, description="Session actors kept started and idle, so an acquire never waits for one.")
+    spare_sessions: int = Field(2, ge=0, le=256, description="Session actors kept started and idle, so an acquire "
+                                "never waits for one (hosted mode: spare slots, at least 64).")
+    session_mode: Literal["actor", "hosted"] = Field(
+        "actor", description="Where each session's heartbeat clock runs: 'actor' = a SessionActor process of its "
+        "own; 'hosted' = a slot of one SessionHost actor per node (a few KiB a session instead of a process).",
+    )
     registry_lane: bool = Field(
         True, description="Callers on the registry's node send acquires and releases over a Unix socket "
         "(~0.4 ms) instead of a Ray call (~2.5 ms); everything else goes through Ray.",

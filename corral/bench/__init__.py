@@ -8,6 +8,8 @@ holds the current ones with the command, date and machine behind each.
 - :mod:`corral.bench.gateway_bench`: remote mode, the gateway's ``/proxy`` overhead and many
   remote clients.
 - :mod:`corral.bench.storage_bench`: workspace sync to local and OSS storage.
+- :mod:`corral.bench.sessions_bench`: live sessions on one node, hosted (a SessionHost per node)
+  against an actor each: memory and CPU per session, heartbeats, reaps on time.
 - :mod:`corral.bench.box_bench`, :mod:`corral.bench.docker_bench`: the box alone, the engine alone.
 """
 

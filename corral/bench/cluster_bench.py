@@ -41,43 +41,12 @@ import time
 import uuid
 from typing import Optional
 
+from corral.bench.machine import idle_cpu_percent, uss
 from corral.core.stats import pct, summary
 
 __all__ = ["main", "run"]
 
 MIB = 1 << 20
-
-
-def _uss(pid: int, tree: bool = False) -> Optional[int]:
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        procs = [p, *p.children(recursive=True)] if tree else [p]
-        return sum(q.memory_full_info().uss for q in procs)
-    except Exception:
-        return None
-
-
-def _idle_cpu_percent(pids: list[int], seconds: float) -> Optional[float]:
-    """Median CPU of the processes ``pids`` over ``seconds`` of idleness, in percent of one CPU."""
-    import psutil
-
-    procs = []
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            procs.append((p, sum(p.cpu_times()[:2])))
-        except psutil.Error:
-            pass
-    time.sleep(seconds)
-    used = []
-    for p, before in procs:
-        try:
-            used.append((sum(p.cpu_times()[:2]) - before) / seconds * 100)
-        except psutil.Error:
-            pass
-    return round(statistics.median(used), 2) if used else None
 
 
 def _config(root: str, name: str, workers: int, node_resource: str):
@@ -228,15 +197,15 @@ def _sessions(cluster, root: str, n: int) -> dict:
             if entry["namespace"] == m.config.namespace and entry["name"].startswith(SESSION_PREFIX):
                 d = ray.get(ray.get_actor(entry["name"], namespace=m.config.namespace).describe.remote())
                 if d.get("session_ctx_id"):
-                    sess.append(_uss(d["pid"]))
+                    sess.append(uss(d["pid"]))
                     pids.append(d["pid"])
-        idle_cpu = _idle_cpu_percent(pids, seconds=10.0)
+        idle_cpu = idle_cpu_percent(pids, seconds=10.0)
         root_a = node_driver_config(m.config, cluster.a.address).model_dump().get("root")
         boxes = []
         for sb in held:
             try:
                 with open(os.path.join(root_a, sb.name, "meta.json")) as f:
-                    boxes.append(_uss(json.load(f)["pid"], tree=True))
+                    boxes.append(uss(json.load(f)["pid"], tree=True))
             except (OSError, KeyError, ValueError):
                 pass
         for sb in held:
@@ -320,12 +289,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in ("workers", "episodes", "calls", "pairs", "sessions"):
         if getattr(a, name) < 1:
             ap.error(f"--{name} must be at least 1")
+    from corral.bench.rollout import emit_json
+
     res = run(a.workers, a.episodes, a.calls, a.pairs, a.sessions)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(res, a.out)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""What the benchmarks ask of the machine: how busy its CPUs are, and waiting for them to settle.
+"""What the benchmarks ask of the machine: how busy its CPUs are, waiting for them to settle, and
+what a process costs (its unique memory, its CPU over a while).
 
 A warm-burst figure is meant to show what an acquire costs, not what the pool's
 background work (resets, kernels booting) costs the machine at that moment; the
@@ -8,10 +9,11 @@ benchmarks wait for the CPUs to settle first, and print how long that took.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from typing import Optional
 
-__all__ = ["cpu_times", "idle_fraction", "wait_quiet"]
+__all__ = ["cpu_times", "idle_fraction", "wait_quiet", "uss", "idle_cpu_percent"]
 
 
 def cpu_times() -> Optional[tuple[int, int]]:
@@ -41,3 +43,37 @@ async def wait_quiet(idle_at_least: float = 0.8, window: float = 0.5, max_s: flo
         idle = idle_fraction(before, cpu_times())
         if idle is None or idle >= idle_at_least or time.monotonic() - t0 >= max_s:
             return round(time.monotonic() - t0, 1), (None if idle is None else round(idle, 2))
+
+
+def uss(pid: int, tree: bool = False) -> Optional[int]:
+    """The unique memory (USS, bytes) of process ``pid``, with its descendants when ``tree``."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)] if tree else [p]
+        return sum(q.memory_full_info().uss for q in procs)
+    except Exception:
+        return None
+
+
+def idle_cpu_percent(pids: list[int], seconds: float) -> Optional[float]:
+    """Median CPU of the processes ``pids`` over ``seconds`` of idleness, in percent of one CPU
+    (blocks for ``seconds``)."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs.append((p, sum(p.cpu_times()[:2])))
+        except psutil.Error:
+            pass
+    time.sleep(seconds)
+    used = []
+    for p, before in procs:
+        try:
+            used.append((sum(p.cpu_times()[:2]) - before) / seconds * 100)
+        except psutil.Error:
+            pass
+    return round(statistics.median(used), 2) if used else None

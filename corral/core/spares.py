@@ -13,10 +13,13 @@ of it (the actor is a separate process and a message costs the registry ~1 ms),
 and a rollout episode may release its sandbox before that message goes out.
 Such a session then costs its actor no message at all.
 
-Spares are topped up only after :data:`QUIET` seconds without a claim or a
-release: in a rollout loop each release gives its actor back, and a new actor
-(about a second of CPU) started mid-loop would only slow the loop. A surplus of
-spares lasting :data:`TRIM_AFTER` seconds is stopped.
+Spares are topped up only after ``quiet`` seconds (:data:`QUIET`) without a
+claim or a release: in a rollout loop each release gives its actor back, and a
+new actor (about a second of CPU) started mid-loop would only slow the loop. A
+surplus of spares lasting :data:`TRIM_AFTER` seconds is stopped. At most
+``max_spawning`` actors are being made at once (:data:`MAX_SPAWNING`: each is
+a process). In hosted mode an "actor" is a slot of a SessionHost, a dict entry:
+the shell then asks for a large spare target, no quiet time and big batches.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-__all__ = ["SessionActors", "Attach", "Detach", "Unbind", "Spawn", "Kill", "QUIET", "TRIM_AFTER", "MAX_SPAWNING"]
+__all__ = ["SessionActors", "Attach", "Detach", "Unbind", "Spawn", "Kill", "QUIET", "TRIM_AFTER", "MAX_SPAWNING",
+           "least_loaded"]
 
 QUIET = 10.0
 TRIM_AFTER = 60.0
@@ -65,9 +69,12 @@ Action = Union[Attach, Detach, Unbind, Spawn, Kill]
 class SessionActors:
     """See the module docstring. ``clock`` is injected (tests drive time)."""
 
-    def __init__(self, spare_target: int, clock: Callable[[], float]) -> None:
+    def __init__(self, spare_target: int, clock: Callable[[], float], max_spawning: int = MAX_SPAWNING,
+                 quiet: float = QUIET) -> None:
         self.spare_target = spare_target
         self.clock = clock
+        self.max_spawning = max_spawning
+        self.quiet = quiet
         self.bound: dict[str, Any] = {}
         self.spares: list[Any] = []
         self.pending: dict[str, None] = {}  # sessions waiting for an actor to be created
@@ -171,7 +178,7 @@ class SessionActors:
 
     def tick(self) -> list[Action]:
         """Start actors for promised sessions now; top the spares up when sessions have been quiet
-        for :data:`QUIET` seconds; stop a surplus that lasted :data:`TRIM_AFTER` seconds."""
+        for ``quiet`` seconds; stop a surplus that lasted :data:`TRIM_AFTER` seconds."""
         now = self.clock()
         out: list[Action] = []
         if len(self.spares) <= self.spare_target:
@@ -184,9 +191,9 @@ class SessionActors:
             self.spares = self.spares[extra:]
             self._surplus_since = None
         want = len(self.pending)
-        if now - self.last_turnover >= QUIET:
+        if now - self.last_turnover >= self.quiet:
             want += self.spare_target - len(self.spares)
-        want = min(want - self.spawning, MAX_SPAWNING - self.spawning)
+        want = min(want - self.spawning, self.max_spawning - self.spawning)
         if want > 0:
             self.spawning += want
             out.append(Spawn(want))
@@ -195,3 +202,9 @@ class SessionActors:
     def stats(self) -> dict:
         return {"bound": len(self.bound), "spares": len(self.spares), "promised": len(self.pending),
                 "spawning": self.spawning}
+
+
+def least_loaded(nodes: list[str], load: dict[str, int], fallback: str) -> str:
+    """The node whose SessionHost makes the next slots: of ``nodes`` (those that run sandboxes),
+    the one with the fewest slots in ``load`` (ties: the first); ``fallback`` when there are none."""
+    return min(nodes, key=lambda n: load.get(n, 0)) if nodes else fallback

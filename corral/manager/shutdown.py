@@ -4,7 +4,7 @@ What it owns: nothing; it carries out a shutdown in order. First, when the
 namespace's registry answers (on the cluster recorded for its state dirs, or
 the one this process is in), it stops refilling, releases every sandbox,
 waits for every node's containers to go, removes per-node resources, and
-stops the registry, the pools and the session actors. Then it sweeps this
+stops the registry, the pools, the session actors and the session hosts. Then it sweeps this
 machine with each driver and state dir the namespace used here (the machine
 index in :mod:`corral.statedir` remembers them), so containers of a namespace
 whose cluster is gone are found too. It reports what it removed, truthfully.
@@ -42,13 +42,13 @@ def _registry(namespace: str):
 
 
 def _stop_actors(namespace: str) -> int:
-    from corral.actors.handles import REGISTRY_NAME, SESSION_PREFIX
+    from corral.actors.handles import HOST_PREFIX, REGISTRY_NAME, SESSION_PREFIX
 
     n = 0
     for entry in ray.util.list_named_actors(all_namespaces=True):
         name = entry.get("name", "")
-        if entry.get("namespace") == namespace and (
-                name == REGISTRY_NAME or name.startswith((SESSION_PREFIX, "corral-pool-", "corral-gateway-"))):
+        if entry.get("namespace") == namespace and (name == REGISTRY_NAME or name.startswith(
+                (SESSION_PREFIX, HOST_PREFIX, "corral-pool-", "corral-gateway-"))):
             try:
                 ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
                 n += 1

@@ -11,7 +11,8 @@ from corral.core import KEEP, REAP, NodeView, PoolCore, RegistryCore, SessionAct
 from corral.core.acquire import AcquireCore
 from corral.core.pool import HEALTH_STRIKES, SHRINK_AFTER
 from corral.core.refill import RefillCore
-from corral.core.spares import QUIET, TRIM_AFTER, Attach, Kill, Spawn, Unbind
+from corral.core.session import SlotTable, UnknownSlot
+from corral.core.spares import QUIET, TRIM_AFTER, Attach, Kill, Spawn, Unbind, least_loaded
 from corral.models import ContainerState as S
 from corral.models import SandboxManagerEnvConfig, SandboxTypeConfig
 
@@ -503,6 +504,93 @@ def test_session_never_reaped_while_a_call_runs():
 def test_session_rejects_bad_timeout():
     with pytest.raises(ValueError):
         SessionCore("s", timeout=0)
+
+
+# -- hosted sessions: the slot table, batches of spares, the host choice ---------------------
+
+
+def test_slots_bind_heartbeat_and_only_the_idle_ones_are_due():
+    clock = Clock()
+    t = SlotTable(clock)
+    a, b, c = t.add(3)
+    assert len({a, b, c}) == 3 and t.stats() == {"slots": 3, "bound": 0, "spare": 3, "reaping": 0}
+    t.attach(a, "s-a", 10, "box-a", "http://a", "ta")
+    t.attach(b, "s-b", 10, "box-b", "http://b", "tb")
+    t.attach(b, "s-b", 10, "box-b2", "http://b2", "tb2")  # a second container of the same session
+    assert t.describe(b)["containers"] == ["box-b", "box-b2"] and t.describe(b)["sessions_served"] == 1
+    assert t.sessions() == {a: "s-a", b: "s-b", c: None}
+    clock.advance(8)
+    t.heartbeat(a)
+    clock.advance(3)  # b idle 11 s > 10, a idle 3 s, c spare
+    assert [s for s, _ in t.due()] == [b]
+    assert t.heartbeat(c) == 0.0  # a spare's heartbeat is a no-op
+
+
+def test_a_due_slot_reaps_once_unless_its_boxes_were_active_or_it_was_rebound():
+    clock = Clock()
+    t = SlotTable(clock)
+    [a] = t.add(1)
+    t.attach(a, "s1", 10, "box", "http://x", "tok")
+    clock.advance(11)
+    [(slot, core)] = t.due()
+    assert not t.decide(slot, core, {"box": {"running": 1}})  # a call runs: kept, and its clock restarts
+    assert t.due() == []
+    clock.advance(11)
+    [(slot, core)] = t.due()
+    assert t.decide(slot, core, {"box": None})  # no answer keeps nothing alive: reap
+    assert t.due() == [] and t.stats()["reaping"] == 1  # asked once, not every tick
+    assert not t.decide(slot, core, {"box": None})
+    t.reap_failed(slot, core)  # the registry did not take it: due again
+    assert [s for s, _ in t.due()] == [a]
+    [(slot, core)] = t.due()
+    t.unbind(a)
+    t.attach(a, "s2", 10, "box2", "http://y", "tok2")  # rebound while its boxes were asked
+    assert not t.decide(slot, core, {"box": None})
+    assert t.describe(a)["session_ctx_id"] == "s2" and t.describe(a)["sessions_served"] == 2
+    assert t.stats()["reaping"] == 0
+
+
+def test_an_unknown_or_dropped_slot_is_an_error_and_ids_never_repeat_across_tables():
+    t = SlotTable(Clock())
+    a, b = t.add(2)
+    assert t.drop([a, "nope"]) == 1
+    for call in (lambda: t.attach(a, "s", 10, "n", None, None), lambda: t.heartbeat(a), lambda: t.describe(a),
+                 lambda: t.detach(a, "n"), lambda: t.unbind(a)):
+        with pytest.raises(UnknownSlot, match=a):
+            call()
+    assert pickle.loads(pickle.dumps(UnknownSlot("x"))).args == ("x",)  # crosses Ray as itself
+    restarted = SlotTable(Clock())  # a host that restarted hands out other ids
+    assert not set(restarted.add(2)) & {a, b}
+
+
+def test_hosted_spares_come_in_one_batch_at_once_and_promised_sessions_first():
+    clock = Clock()
+    sa = SessionActors(spare_target=64, clock=clock, max_spawning=1024, quiet=0.0)
+    assert sa.tick() == [Spawn(64)]  # no quiet time: the spares are made at once, as one batch
+    for i in range(64):
+        sa.created(f"slot-{i}")
+    for i in range(500):  # a burst takes the spares, the rest are promised
+        sa.claim(f"s{i}")
+    assert len(sa.bound) == 64 and len(sa.needs_actor()) == 436
+    assert sa.tick() == [Spawn(500)]  # the promised ones and the spare target, in one batch
+    assert sa.tick() == []  # nothing more while that batch is being made
+    actors = SessionActors(spare_target=2, clock=clock)  # actor mode: a few processes at once
+    for i in range(10):
+        actors.claim(f"s{i}")
+    assert actors.tick() == [Spawn(4)]
+
+
+def test_the_next_slots_go_to_the_least_loaded_sandbox_node_else_the_registrys():
+    assert least_loaded(["n1", "n2", "n3"], {"n1": 5, "n2": 2}, "reg") == "n3"
+    assert least_loaded(["n1", "n2"], {"n1": 5, "n2": 2, "gone": 0}, "reg") == "n2"
+    assert least_loaded([], {"n1": 1}, "reg") == "reg"
+
+
+def test_session_mode_defaults_to_actor_and_a_bad_value_is_a_clear_error():
+    assert SandboxManagerEnvConfig().session_mode == "actor"
+    assert SandboxManagerEnvConfig(session_mode="hosted").session_mode == "hosted"
+    with pytest.raises(corral.InvalidRequest, match=r"session_mode: Input should be 'actor' or 'hosted'"):
+        SandboxManagerEnvConfig(session_mode="shared")
 
 
 # -- errors and config --------------------------------------------------------------
