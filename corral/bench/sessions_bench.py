@@ -4,17 +4,19 @@ against a session actor each.
     python -m corral.bench.sessions_bench [--sessions 500] [--actor-sessions 64] [--timeout 60]
                                           [--period 5] [--idle 0.1] [--out FILE.json]
 
-For each mode, on a local single-node Ray cluster with the process driver, a namespace of its own:
+For each mode, on a local single-node Ray cluster with the process driver, a namespace of its own
+(the node's capacity raised to ``n``):
 
-1. **Warm**: ``n`` sandboxes started ahead (``reserve``), so the acquires that follow are the
-   sessions' own cost, not cold starts (the node's capacity is raised to ``n``).
-2. **Acquire**: ``n`` acquires at once, each with its own session; the time until they all
-   answered, and until every session has its clock (a slot, or an actor).
-3. **Idle**: for 10 s no call at all: the unique memory (USS) of the host actor (hosted) or the
-   median session actor (actor mode), of the boxes (a sample), and the CPU of the clocks.
-4. **Heartbeats**: every session heartbeats every ``--period`` seconds (spread out), each call
-   timed; then a fraction ``--idle`` of them stops and the rest go on for the timeout and more:
-   when each idle one was reaped after its last heartbeat (its timeout is ``--timeout``), and
+1. **Acquire**: ``n`` acquires at once, each with its own session and a sandbox started for it
+   (no warm pool: the pool actor probes its warm sandboxes, which at hundreds would be its cost,
+   not the sessions'). Each session heartbeats every ``--period`` seconds (spread out) from the
+   moment its acquire answers. The time until they all answered, and until every session's
+   clock (a slot, or an actor) has heard of it. Actor mode starts its spare actors first.
+2. **Idle**: heartbeats pause for up to 10 s: the CPU of the clocks (the host, or the median
+   session actor); then the same with heartbeats on, each heartbeat timed from here on. The
+   unique memory (USS) of the clocks and of a sample of the boxes.
+3. **Reaps**: a fraction ``--idle`` of the sessions stops heartbeating and the rest go on for the
+   timeout (``--timeout``) and more: when each idle one was reaped after its last heartbeat, and
    that no heartbeating one was.
 
 Memory: a box takes about 27 MiB, so 500 sessions take about 13 GiB. The benchmark refuses to
@@ -121,25 +123,6 @@ async def _until(pred, what: str, watch: MemoryWatch, timeout: float = 900.0, ev
         await asyncio.sleep(every)
 
 
-async def _warm(m, n: int, spares: int, watch: MemoryWatch) -> float:
-    t0 = time.perf_counter()
-    await m.reserve_async(n=n, wait=False)
-    printed = [0.0]
-
-    async def ready():
-        st = await m.status_async()
-        pool = st["pools"]["base"]
-        done = pool["warm"] >= n and st["spare_session_actors"] >= spares
-        if done or time.monotonic() - printed[0] >= 10:
-            _say(f"  warm {pool['warm']}/{n}, starting {pool['starting']}, failed {pool['failed_total']}, spare "
-                  f"clocks {st['spare_session_actors']} (available memory {_available_gib():.1f} GiB)")
-            printed[0] = time.monotonic()
-        return done
-
-    await _until(ready, f"{n} warm sandboxes", watch, every=2.0)
-    return time.perf_counter() - t0
-
-
 def _box_pids(m, names: list[str]) -> list[int]:
     """The box processes of ``names`` (process driver: each node's boxes under the driver's root)."""
     root = m.config.driver_config().model_dump().get("root") or ""
@@ -171,63 +154,69 @@ async def _clock_pids(m, mode: str) -> list[int]:
     return pids
 
 
-async def _heartbeats(m, sessions: list[str], period: float, idle: set[str], timeout: float,
-                      watch: MemoryWatch) -> dict:
-    """Heartbeat every session every ``period`` s for a while; then the ``idle`` ones stop and the
-    others go on past the timeout. Returns heartbeat latency and when the idle ones were reaped."""
-    lat: list[float] = []
-    last: dict[str, float] = {}
-    stop_idle = asyncio.Event()
-    stop_all = asyncio.Event()
-    errors: list[str] = []
+class Live:
+    """The benchmark's sessions: each acquires its sandbox, then heartbeats every ``period``
+    seconds (spread out) until it is told to stop. Heartbeats pause while ``running`` is clear
+    and are timed while ``timing`` is set."""
 
-    async def beat(s: str) -> None:
-        await asyncio.sleep(random.uniform(0, period))
-        while not stop_all.is_set() and not (s in idle and stop_idle.is_set()):
-            t0 = time.perf_counter()
+    def __init__(self, m, period: float) -> None:
+        self.m, self.period = m, period
+        self.held: list = []
+        self.last: dict[str, float] = {}  # session -> its last heartbeat (wall clock)
+        self.lat: list[float] = []
+        self.errors: list[str] = []
+        self.timing = False
+        self.running = asyncio.Event()
+        self.running.set()
+        self.stopped: set[str] = set()
+        self.done = asyncio.Event()
+
+    async def session(self, s: str) -> None:
+        self.held.append(await self.m.acquire_async(session_ctx_id=s))
+        await asyncio.sleep(random.uniform(0, self.period))
+        while not self.done.is_set() and s not in self.stopped:
+            await self.running.wait()
+            await self.beat(s)
             try:
-                await m.heartbeat_async(s)
-                lat.append((time.perf_counter() - t0) * 1000)
-                last[s] = time.time()
-            except Exception as e:  # counted and reported
-                errors.append(f"{type(e).__name__}: {e}"[:200])
-            try:
-                await asyncio.wait_for(stop_all.wait(), period)
+                await asyncio.wait_for(self.done.wait(), self.period)
             except asyncio.TimeoutError:
                 pass
 
-    tasks = [asyncio.ensure_future(beat(s)) for s in sessions]
-    warmup = 2 * period + 5
-    _say(f"  heartbeating {len(sessions)} sessions every {period:.0f}s; {len(idle)} stop after {warmup:.0f}s")
-    await asyncio.sleep(warmup)
-    watch.check()
-    stop_idle.set()
+    async def beat(self, s: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self.m.heartbeat_async(s)
+        except Exception as e:  # counted and reported
+            self.errors.append(f"{type(e).__name__}: {e}"[:200])
+            return
+        if self.timing:
+            self.lat.append((time.perf_counter() - t0) * 1000)
+        self.last[s] = time.time()
+
+
+async def _reaps(m, live: Live, idle: set[str], timeout: float, watch: MemoryWatch) -> dict:
+    """The ``idle`` sessions stop heartbeating, the others go on past the timeout: when each idle
+    one was reaped after its last heartbeat, and whether any heartbeating one was."""
+    live.stopped |= idle
     t_stop = time.time()
+    _say(f"  {len(idle)} sessions stop heartbeating; the others go on (timeout {timeout:.0f} s)")
     reaped: dict[str, float] = {}
-    wrongly: list[str] = []
+    wrongly: set[str] = set()
     deadline = t_stop + timeout + max(30.0, timeout / 2)
-    while time.time() < deadline and len(reaped) < len(idle):
+    while time.time() < deadline and (len(reaped) < len(idle) or time.time() < t_stop + timeout + 5):
         watch.check()
-        st = await m.status_async()
-        for r in st["records"]:
+        for r in (await m.status_async())["records"]:
             s = r.get("session_ctx_id")
             if r["state"] == "RECYCLED" and s not in reaped:
                 if s in idle:
                     reaped[s] = time.time()
-                elif s not in wrongly:
-                    wrongly.append(s)
+                else:
+                    wrongly.add(s)
         await asyncio.sleep(0.5)
-    await asyncio.sleep(max(0.0, t_stop + timeout + 5 - time.time()))  # the others outlive the timeout
-    st = await m.status_async()
-    wrongly += [r["session_ctx_id"] for r in st["records"] if r["state"] == "RECYCLED"
-                and r.get("session_ctx_id") not in idle and r.get("session_ctx_id") not in wrongly]
-    stop_all.set()
-    await asyncio.gather(*tasks)
-    after = [reaped[s] - last[s] for s in reaped if s in last]
-    return {"heartbeat_ms": summary(lat), "heartbeats": len(lat), "heartbeat_errors": len(errors),
-            "first_errors": errors[:3], "idle_sessions": len(idle), "idle_reaped": len(reaped),
-            "reaped_s_after_last_heartbeat": summary(after) if after else None,
-            "timeout_s": timeout, "heartbeating_reaped": len(wrongly)}
+    after = [reaped[s] - live.last[s] for s in reaped if s in live.last]
+    return {"idle_sessions": len(idle), "idle_reaped": len(reaped),
+            "reaped_s_after_last_heartbeat": summary(after) if after else None, "timeout_s": timeout,
+            "heartbeating_reaped": len(wrongly)}
 
 
 async def _run(mode: str, n: int, timeout: float, period: float, idle_fraction: float, root: str) -> dict:
@@ -242,24 +231,22 @@ async def _run(mode: str, n: int, timeout: float, period: float, idle_fraction: 
     cfg = _config(mode, n, timeout, root)
     res: dict = {"mode": mode, "sessions": n}
     m = SandboxManager(cfg)
-    held = []
+    live = Live(m, period)
+    tasks: list[asyncio.Future] = []
     try:
         with MemoryWatch() as watch:
-            _say(f"[{mode}] warming {n} sandboxes ({avail:.1f} GiB available)")
-            res["warm_s"] = round(await _warm(m, n, 0 if mode == "hosted" else min(n, 256), watch), 1)
+            spares = 0 if mode == "hosted" else min(n, 256)
+            if spares:
+                _say(f"[{mode}] starting {spares} spare session actors")
+                await _until(lambda: _spares(m, spares), "the spare session actors", watch, every=1.0)
             sessions = [f"live-{i}" for i in range(n)]
+            _say(f"[{mode}] acquiring {n} sessions, each a sandbox started for it ({avail:.1f} GiB available)")
             t0 = time.perf_counter()
-            held = await asyncio.gather(*(m.acquire_async(session_ctx_id=s) for s in sessions))
-            res["acquire_all_s"] = round(time.perf_counter() - t0, 2)
-
-            async def bound():  # every session's clock has heard of it (attached)
-                st = await m.status_async()
-                if mode == "hosted":
-                    return sum(h.get("bound", 0) for h in st["session_hosts"]) >= n
-                return st["session_actors"] >= n
-
-            await _until(bound, "every session's clock", watch, timeout=300, every=0.2)
-            res["acquire_and_clocks_s"] = round(time.perf_counter() - t0, 2)
+            tasks = [asyncio.ensure_future(live.session(s)) for s in sessions]
+            await _until(lambda: _acquired(m, live, tasks, n), f"{n} acquires", watch, every=1.0)
+            res["acquire_all_s"] = round(time.perf_counter() - t0, 1)
+            await _until(lambda: _clocks(m, mode, n), "every session's clock", watch, timeout=300, every=0.2)
+            res["acquire_and_clocks_s"] = round(time.perf_counter() - t0, 1)
             st = await m.status_async()
             res["live_sessions"] = sum(1 for r in st["records"] if r["state"] == "RUNNING")
             res["clock_actors"] = len(st["session_hosts"]) if mode == "hosted" else st["session_actors"]
@@ -267,10 +254,14 @@ async def _run(mode: str, n: int, timeout: float, period: float, idle_fraction: 
             _say(f"[{mode}] {n} sessions acquired in {res['acquire_all_s']} s, all with clocks after "
                  f"{res['acquire_and_clocks_s']} s, held by {res['clock_actors']} actor(s); {quiet:.0f} s idle ...")
             pids = await _clock_pids(m, mode)
-            await asyncio.gather(*(m.heartbeat_async(s) for s in sessions))
+            live.running.clear()
+            await asyncio.gather(*(live.beat(s) for s in sessions))
             res["clock_idle_cpu_percent"] = await asyncio.to_thread(idle_cpu_percent, pids, quiet)
+            live.running.set()
+            live.timing = True
+            res["clock_heartbeating_cpu_percent"] = await asyncio.to_thread(idle_cpu_percent, pids, 2 * period)
             clock_mib = [x / MIB for x in (uss(p) for p in pids) if x]
-            sample = random.Random(0).sample([sb.name for sb in held], min(32, n))
+            sample = random.Random(0).sample([sb.name for sb in live.held], min(32, n))
             box_mib = [x / MIB for x in (uss(p, tree=True) for p in _box_pids(m, sample)) if x]
             res["box_uss_mib"] = round(statistics.median(box_mib), 1) if box_mib else None
             if mode == "hosted":
@@ -283,14 +274,20 @@ async def _run(mode: str, n: int, timeout: float, period: float, idle_fraction: 
                 res["clock_cpu_percent_per_session"] = res["clock_idle_cpu_percent"]
             res["mib_per_live_session"] = round((res["clock_mib_per_session"] or 0) + (res["box_uss_mib"] or 0), 1)
             idle = set(random.Random(1).sample(sessions, max(1, int(n * idle_fraction))))
-            res.update(await _heartbeats(m, sessions, period, idle, timeout, watch))
+            res.update(await _reaps(m, live, idle, timeout, watch))
+            res.update({"heartbeat_ms": summary(live.lat), "heartbeat_errors": len(live.errors),
+                        "first_errors": live.errors[:3]})
             res["live_at_end"] = sum(1 for r in (await m.status_async())["records"] if r["state"] == "RUNNING")
     except MemoryLow as e:
         _say(f"[{mode}] {e}")
         res["stopped"] = str(e)
     finally:
-        _say(f"[{mode}] releasing and taking the namespace down")
-        await asyncio.gather(*(sb.release() for sb in held), return_exceptions=True)
+        live.done.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        _say(f"[{mode}] releasing {len(live.held)} sandboxes and taking the namespace down")
+        await asyncio.gather(*(sb.release() for sb in live.held), return_exceptions=True)
         m.close()
         out = await asyncio.to_thread(down, cfg, 120)
         res["containers_left"] = out["containers_left"]
@@ -299,18 +296,49 @@ async def _run(mode: str, n: int, timeout: float, period: float, idle_fraction: 
     return res
 
 
+async def _spares(m, want: int) -> bool:
+    return (await m.status_async())["spare_session_actors"] >= want
+
+
+_progress = [0.0]
+
+
+async def _acquired(m, live: Live, tasks: list, n: int) -> bool:
+    """All ``n`` acquires answered (a failed one raises); progress every 10 s."""
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            raise t.exception()
+    done = len(live.held) >= n
+    if done or time.monotonic() - _progress[0] >= 10:
+        st = await m.status_async()
+        _say(f"  acquired {len(live.held)}/{n}, starting {st['pools']['base']['starting']}, "
+             f"available memory {_available_gib():.1f} GiB")
+        _progress[0] = time.monotonic()
+    return done
+
+
+async def _clocks(m, mode: str, n: int) -> bool:
+    """Every session's clock has heard of it (attached)."""
+    st = await m.status_async()
+    if mode == "hosted":
+        return sum(h.get("bound", 0) for h in st["session_hosts"]) >= n
+    return st["session_actors"] >= n
+
+
 def _print(r: dict) -> None:
     if "heartbeat_ms" not in r:
         return
     clock = (f"host actor {r['host_uss_mib']} MiB USS = {r['clock_mib_per_session']} MiB a session"
              if r["mode"] == "hosted" else f"session actor {r['session_actor_uss_mib']} MiB USS each")
     reap = r["reaped_s_after_last_heartbeat"] or {}
-    _say(f"[{r['mode']}] {r['live_sessions']} live sessions ({r['live_at_end']} at the end); {clock}; box {r['box_uss_mib']} MiB: "
-          f"{r['mib_per_live_session']} MiB per live session; clocks' idle CPU {r['clock_idle_cpu_percent']}% of a CPU "
-          f"({'the host' if r['mode'] == 'hosted' else 'median actor'}); heartbeat p50 {r['heartbeat_ms']['p50']} ms, "
-          f"p99 {r['heartbeat_ms']['p99']} ms; {r['idle_reaped']}/{r['idle_sessions']} idle reaped "
-          f"{reap.get('p50')} s (p50), {reap.get('p99')} s (p99) after their last heartbeat (timeout "
-          f"{r['timeout_s']:.0f} s); heartbeating ones reaped: {r['heartbeating_reaped']}")
+    who = "the host" if r["mode"] == "hosted" else "median actor"
+    _say(f"[{r['mode']}] {r['live_sessions']} live sessions ({r['live_at_end']} at the end); {clock}; "
+         f"box {r['box_uss_mib']} MiB: {r['mib_per_live_session']} MiB per live session; clocks' CPU "
+         f"{r['clock_idle_cpu_percent']}% of a CPU idle, {r['clock_heartbeating_cpu_percent']}% heartbeating "
+         f"({who}); heartbeat p50 {r['heartbeat_ms']['p50']} ms, p99 {r['heartbeat_ms']['p99']} ms; "
+         f"{r['idle_reaped']}/{r['idle_sessions']} idle reaped {reap.get('p50')} s (p50), {reap.get('p99')} s "
+         f"(p99) after their last heartbeat (timeout {r['timeout_s']:.0f} s); heartbeating ones reaped: "
+         f"{r['heartbeating_reaped']}")
 
 
 def run_mode(mode: str, n: int, timeout: float = 60.0, period: float = 5.0, idle_fraction: float = 0.1) -> dict:
