@@ -96,6 +96,7 @@ class CycleParams:
     timeout: float = 120.0  # seconds an acquire may wait
     progress: bool = True
     namespace_prefix: str = "corral-cycle"
+    session_mode: str = "actor"  # SandboxManagerEnvConfig.session_mode of corral's systems
 
     def validate(self) -> "CycleParams":
         from corral.errors import InvalidRequest
@@ -108,6 +109,8 @@ class CycleParams:
             raise InvalidRequest(f"workers must be at most 512, got {self.workers}")
         if not isinstance(self.duration, (int, float)) or isinstance(self.duration, bool) or self.duration <= 0:
             raise InvalidRequest(f"duration must be a number of seconds > 0, got {self.duration!r}")
+        if self.session_mode not in ("actor", "hosted"):
+            raise InvalidRequest(f"session_mode must be 'actor' or 'hosted', got {self.session_mode!r}")
         if self.driver not in ("process", "docker"):
             raise InvalidRequest(f"driver must be 'process' or 'docker', got {self.driver!r}")
         if self.max_starting_per_node is not None and (
@@ -1094,6 +1097,7 @@ def params_from_args(args: argparse.Namespace) -> CycleParams:
         start_limits=_ints(args.start_limits, "--start-limits"),
         progress=not args.no_progress,
         namespace_prefix=f"{getattr(args, 'namespace', None) or 'corral'}-cycle",
+        session_mode=getattr(args, "session_mode", "actor"),
     ).validate()
 
 
@@ -1104,7 +1108,7 @@ def run_cli(args: argparse.Namespace) -> int:
     require_matplotlib()
     p = params_from_args(args)
     banner = (f"corral bench --workload cycle: {p.workers} threads x {p.duration:g} s, pool {p.pool_size}, driver "
-              f"{p.driver}; systems {', '.join(p.systems)}")
+              f"{p.driver}, sessions {p.session_mode}; systems {', '.join(p.systems)}")
     # the machine's own CPU count: corral's default start limit is read from the node's CPUs
     result, seconds = run_on_ray(args, os.cpu_count() or 1, banner, lambda: run(p, args.out))
     if "sweep" in result:

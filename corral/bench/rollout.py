@@ -90,6 +90,7 @@ class BenchParams:
     namespace_prefix: str = "corral-bench"
     progress: bool = True
     kernel_reset: str = "restart"  # how the reuse system resets a sandbox's kernel
+    session_mode: str = "actor"  # where the sessions' heartbeat clocks run (SandboxManagerEnvConfig.session_mode)
 
     def validate(self) -> "BenchParams":
         from corral.errors import InvalidRequest
@@ -102,6 +103,8 @@ class BenchParams:
             raise InvalidRequest(f"workers must be at most 512, got {self.workers}")
         if not isinstance(self.think_ms, (int, float)) or isinstance(self.think_ms, bool) or self.think_ms < 0:
             raise InvalidRequest(f"think_ms must be a number >= 0, got {self.think_ms!r}")
+        if self.session_mode not in ("actor", "hosted"):
+            raise InvalidRequest(f"session_mode must be 'actor' or 'hosted', got {self.session_mode!r}")
         if self.driver not in ("process", "docker"):
             raise InvalidRequest(f"driver must be 'process' or 'docker', got {self.driver!r}")
         systems = tuple(self.systems) or self.default_systems()
@@ -214,6 +217,7 @@ def bench_config(p: Any, label: str, workdir: str, pool: int, reuse: bool, kerne
         container_deployment=p.driver,
         pool_size=pool,
         spare_sessions=p.workers,
+        session_mode=p.session_mode,
         state_dir=os.path.join(root, "state"),
         default_mount_dir=os.path.join(root, "mounts"),  # a workspace per sandbox, as the reference makes
         acquire_timeout=p.timeout,
@@ -814,6 +818,9 @@ def add_arguments(ap: argparse.ArgumentParser, driver: bool = True) -> None:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--kernel-reset", choices=["restart", "namespace"], default="restart",
                     help="how the reuse system resets a sandbox's kernel (default: restart)")
+    ap.add_argument("--session-mode", choices=["actor", "hosted"], default="actor",
+                    help="where sessions' heartbeat clocks run: an actor each, or slots of one host per node "
+                         "(default: actor)")
     if driver:
         ap.add_argument("--driver", dest="bench_driver", choices=["process", "docker"],
                         help="container_deployment (default: process)")
@@ -834,6 +841,7 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
         namespace_prefix=f"{getattr(args, 'namespace', None) or 'corral'}-bench",
         progress=not args.no_progress,
         kernel_reset=args.kernel_reset,
+        session_mode=args.session_mode,
     ).validate()
 
 

@@ -32,11 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AcquireCore"]
 
-S = ContainerState
-
 
 class AcquireCore:
-    """See the module docstring."""
+    """The acquire decisions of one :class:`~corral.core.registry.RegistryCore`, over its records
+    and wait lines (see the module docstring)."""
 
     def __init__(self, core: "RegistryCore") -> None:
         self.core = core
@@ -159,7 +158,7 @@ class AcquireCore:
     def warm_timeout(self, sandbox_type: str, timeout: float) -> str:
         core, t = self.core, sandbox_type
         return (f"no warm {t!r} sandbox within {timeout:.0f}s (warm={core.warm_count(t)}, "
-                f"starting={core.count(t, S.STARTING)}, waiting={self.lines.warm_waiting(t)})"
+                f"starting={core.count(t, ContainerState.STARTING)}, waiting={self.lines.warm_waiting(t)})"
                 + self.last_failure(t))
 
     def slot_timeout(self, timeout: float, nodes: list[NodeView]) -> str:

@@ -32,7 +32,8 @@ S = ContainerState
 
 
 class RefillCore:
-    """See the module docstring."""
+    """The refill decisions of one :class:`~corral.core.registry.RegistryCore`, made in its tick
+    (see the module docstring)."""
 
     def __init__(self, core: "RegistryCore") -> None:
         self.core = core

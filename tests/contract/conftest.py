@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support import docker as testkit
+from tests.support.driver_fixtures import sandboxes  # noqa: F401  (a fixture)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,12 +34,6 @@ async def driver(request, tmp_path_factory):
         d = DockerDriver(testkit.driver_config())
     async with testkit.closing(d):
         yield d
-
-
-@pytest.fixture
-async def sandboxes(driver):
-    async with testkit.Tracker(driver) as t:
-        yield t
 
 
 @pytest.fixture

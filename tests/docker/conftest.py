@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support import docker as testkit
+from tests.support.driver_fixtures import sandboxes  # noqa: F401  (a fixture)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,17 +25,11 @@ def docker_ready():
 
 
 @pytest.fixture
-async def docker_driver(docker_ready):
+async def driver(docker_ready):
     from corral.drivers.docker import DockerDriver
 
     async with testkit.closing(DockerDriver(testkit.driver_config())) as d:
         yield d
-
-
-@pytest.fixture
-async def tracker(docker_driver):
-    async with testkit.Tracker(docker_driver) as t:
-        yield t
 
 
 @pytest.fixture

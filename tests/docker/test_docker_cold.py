@@ -17,8 +17,8 @@ from tests.support.images import HIDE_IPYKERNEL
 pytestmark = pytest.mark.docker
 
 
-async def test_a_started_container_answers_shell_with_no_kernel_then_runs_a_cell(tracker, docker_ready):
-    h = await tracker.create(box_spec(docker_ready, "cold"))
+async def test_a_started_container_answers_shell_with_no_kernel_then_runs_a_cell(sandboxes, docker_ready):
+    h = await sandboxes.create(box_spec(docker_ready, "cold"))
     async with httpx.AsyncClient(base_url=h.url, headers=BOX_AUTH, timeout=120, trust_env=False) as http:
         r = await http.post("/fastapi/tools/run_shell_command", json={"command": "echo cyc; ps -eo args"})
         out = r.json()["content"][0]["text"]
@@ -31,7 +31,7 @@ async def test_a_started_container_answers_shell_with_no_kernel_then_runs_a_cell
         assert (await http.get("/v1/info")).json()["kernel"] == {"alive": True}
 
 
-async def test_a_container_whose_environment_cannot_run_a_kernel_fails_its_start(tracker, docker_client,
+async def test_a_container_whose_environment_cannot_run_a_kernel_fails_its_start(sandboxes, docker_client,
                                                                               docker_ready):
     hide = tempfile.mkdtemp(prefix="corral-hide-ipykernel-")  # readable by the container's user
     try:
@@ -43,7 +43,7 @@ async def test_a_container_whose_environment_cannot_run_a_kernel_fails_its_start
         spec = box_spec(docker_ready, "cold", name=name, readonly_mounts={hide: "/opt/hide"},
                      environment={"PYTHONPATH": "/opt/hide"})
         with pytest.raises(corral.DriverError) as err:
-            await tracker.create(spec)
+            await sandboxes.create(spec)
         message = str(err.value)
         assert "exited (exit code 1) before its box was ready" in message, message
         assert "the Python kernel cannot run in this sandbox" in message and "ipykernel" in message, message

@@ -28,8 +28,8 @@ def _shell(url: str, command: str) -> dict:
     return r.json()
 
 
-async def test_container_settings_visible_in_docker_inspect(tracker, docker_client, docker_ready, tmp_path):
-    h = await tracker.create(
+async def test_container_settings_visible_in_docker_inspect(sandboxes, docker_client, docker_ready, tmp_path):
+    h = await sandboxes.create(
         box_spec(docker_ready, cpus=0.5, memory="256m", pids_limit=64, labels={"corral.sandbox_type": "inspect"},
                  workspace=str(tmp_path / "ws"))
     )
@@ -68,12 +68,12 @@ async def test_container_settings_visible_in_docker_inspect(tracker, docker_clie
     assert (st.st_uid, st.st_gid) == (1000, 1000)
 
 
-async def test_walls_hold_from_inside(tracker, docker_ready, tmp_path):
+async def test_walls_hold_from_inside(sandboxes, docker_ready, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "f.txt").write_text("read me")
     ws = tmp_path / "ws"
-    h = await tracker.create(box_spec(docker_ready, workspace=str(ws), readonly_mounts={str(data): "/data"}))
+    h = await sandboxes.create(box_spec(docker_ready, workspace=str(ws), readonly_mounts={str(data): "/data"}))
 
     assert _shell(h.url, "cat /data/f.txt")["stdout"] == "read me"
     denied = _shell(h.url, "echo x > /data/new.txt")
@@ -97,8 +97,8 @@ async def test_walls_hold_from_inside(tracker, docker_ready, tmp_path):
     assert (ws / "w.txt").read_text() == "hi\n"
 
 
-async def test_python_cell_runs_on_read_only_root(tracker, docker_ready):
-    h = await tracker.create(box_spec(docker_ready))
+async def test_python_cell_runs_on_read_only_root(sandboxes, docker_ready):
+    h = await sandboxes.create(box_spec(docker_ready))
     async with httpx.AsyncClient(timeout=120, trust_env=False) as http:
         r = await http.post(f"{h.url}/v1/python", json={"code": "import os\nx = 6 * 7\nprint(x, os.getuid())"},
                             headers=BOX_AUTH)
@@ -111,9 +111,9 @@ async def test_python_cell_runs_on_read_only_root(tracker, docker_ready):
         assert r.json()["result"]["text/plain"] == "43"
 
 
-async def test_a_kernel_cannot_reach_into_the_fork_server_it_came_from(tracker, docker_ready):
+async def test_a_kernel_cannot_reach_into_the_fork_server_it_came_from(sandboxes, docker_ready):
     """Kernels fork from a per-box server; a session must not be able to plant code in it for the next."""
-    h = await tracker.create(box_spec(docker_ready))
+    h = await sandboxes.create(box_spec(docker_ready))
     code = (
         "import os\nppid = os.getppid()\n"
         "cmd = open(f'/proc/{ppid}/cmdline', 'rb').read().split(b'\\0')\n"
@@ -130,17 +130,17 @@ async def test_a_kernel_cannot_reach_into_the_fork_server_it_came_from(tracker, 
     assert own_owner == "1000"  # the kernel's own process stays the session's
 
 
-async def test_without_a_workspace_the_box_gets_a_scratch_one(tracker, docker_ready):
-    h = await tracker.create(box_spec(docker_ready))
+async def test_without_a_workspace_the_box_gets_a_scratch_one(sandboxes, docker_ready):
+    h = await sandboxes.create(box_spec(docker_ready))
     out = _shell(h.url, "echo scratch > s.txt && cat s.txt && stat -c %u /workspace")
     assert out["exit_code"] == 0, out
     assert out["stdout"].split() == ["scratch", "1000"]
 
 
-async def test_stop_is_handled_by_sigterm(tracker, docker_driver, docker_client, docker_ready):
-    h = await tracker.create(box_spec(docker_ready))
+async def test_stop_is_handled_by_sigterm(sandboxes, driver, docker_client, docker_ready):
+    h = await sandboxes.create(box_spec(docker_ready))
     t0 = time.monotonic()
-    await docker_driver.stop(h.container_id, timeout=10)
+    await driver.stop(h.container_id, timeout=10)
     elapsed = time.monotonic() - t0
     state = docker_client.api.inspect_container(h.container_id)["State"]
     # Exit code 137 would mean the engine had to SIGKILL it after the grace
@@ -151,8 +151,8 @@ async def test_stop_is_handled_by_sigterm(tracker, docker_driver, docker_client,
     assert elapsed < 10, f"stop took {elapsed:.1f}s: the 10 s grace period ran out"
 
 
-async def test_the_driver_makes_its_network_with_inter_container_traffic_off(tracker, docker_client, docker_ready):
-    await tracker.create(box_spec(docker_ready))
+async def test_the_driver_makes_its_network_with_inter_container_traffic_off(sandboxes, docker_client, docker_ready):
+    await sandboxes.create(box_spec(docker_ready))
     net = docker_client.api.inspect_network(testkit.TEST_NETWORK)
     assert net["Driver"] == "bridge" and net["Labels"]["corral.managed"] == "true"
     assert net["Options"]["com.docker.network.bridge.enable_icc"] == "false"
@@ -160,31 +160,31 @@ async def test_the_driver_makes_its_network_with_inter_container_traffic_off(tra
     assert [c["Subnet"] for c in net["IPAM"]["Config"]] == [testkit.TEST_SUBNET]
 
 
-async def test_a_stopped_box_gets_its_token_again_at_start(tracker, docker_driver, docker_ready):
-    h = await tracker.create(box_spec(docker_ready))
-    await docker_driver.stop(h.container_id, timeout=5)
+async def test_a_stopped_box_gets_its_token_again_at_start(sandboxes, driver, docker_ready):
+    h = await sandboxes.create(box_spec(docker_ready))
+    await driver.stop(h.container_id, timeout=5)
     with pytest.raises(corral.InvalidRequest, match="token"):
-        await docker_driver.start(h.container_id)  # nothing in the sandbox kept it
-    assert await docker_driver.status(h.container_id) == "exited"
-    await docker_driver.start(h.container_id, BOX_TOKEN)
-    again = await docker_driver.inspect(h.container_id)
+        await driver.start(h.container_id)  # nothing in the sandbox kept it
+    assert await driver.status(h.container_id) == "exited"
+    await driver.start(h.container_id, BOX_TOKEN)
+    again = await driver.inspect(h.container_id)
     assert again.status == "running"
     assert _shell(again.url, "echo back")["stdout"] == "back\n"
-    await docker_driver.start(h.container_id, BOX_TOKEN)  # running: nothing to do
+    await driver.start(h.container_id, BOX_TOKEN)  # running: nothing to do
     # A rotated token (a reuse reset) is the one a restart hands over.
-    await docker_driver.stop(h.container_id, timeout=5)
+    await driver.stop(h.container_id, timeout=5)
     rotated = "rotated-docker-token-00aa"
-    await docker_driver.start(h.container_id, rotated)
-    url = (await docker_driver.inspect(h.container_id)).url
+    await driver.start(h.container_id, rotated)
+    url = (await driver.inspect(h.container_id)).url
     r = httpx.get(f"{url}/v1/healthz", headers={"Authorization": f"Bearer {rotated}"}, timeout=10, trust_env=False)
     assert r.status_code == 200
     assert httpx.get(f"{url}/v1/healthz", headers=BOX_AUTH, timeout=10, trust_env=False).status_code == 401
 
 
-async def test_teardown_is_refused_while_a_sandbox_is_on_the_network(tracker, docker_ready):
+async def test_teardown_is_refused_while_a_sandbox_is_on_the_network(sandboxes, docker_ready):
     from corral.drivers.docker import DockerDriver
 
-    await tracker.create(box_spec(docker_ready))
+    await sandboxes.create(box_spec(docker_ready))
     other = DockerDriver(testkit.driver_config())
     try:
         with pytest.raises(corral.Conflict, match="still has"):
@@ -193,30 +193,30 @@ async def test_teardown_is_refused_while_a_sandbox_is_on_the_network(tracker, do
         await other.close()
 
 
-async def test_bad_input_is_a_clear_error(docker_driver, docker_ready, tmp_path):
+async def test_bad_input_is_a_clear_error(driver, docker_ready, tmp_path):
     with pytest.raises(corral.InvalidRequest, match="does not exist"):
-        await docker_driver.create(box_spec(docker_ready, readonly_mounts={str(tmp_path / "nope"): "/data"}))
+        await driver.create(box_spec(docker_ready, readonly_mounts={str(tmp_path / "nope"): "/data"}))
     with pytest.raises(corral.InvalidRequest, match="absolute"):
-        await docker_driver.create(box_spec(docker_ready, readonly_mounts={str(tmp_path): "data"}))
+        await driver.create(box_spec(docker_ready, readonly_mounts={str(tmp_path): "data"}))
     with pytest.raises(corral.InvalidRequest, match="memory"):
-        await docker_driver.create(box_spec(docker_ready, memory="lots"))
+        await driver.create(box_spec(docker_ready, memory="lots"))
     for token in ("", "   ", "short-token"):
         with pytest.raises(corral.InvalidRequest, match="token"):
-            await docker_driver.create(ContainerSpec(name=unique_name("tok"), image=docker_ready, token=token))
+            await driver.create(ContainerSpec(name=unique_name("tok"), image=docker_ready, token=token))
 
 
-async def test_missing_image_names_the_fix(docker_driver, docker_ready):
+async def test_missing_image_names_the_fix(driver, docker_ready):
     with pytest.raises(corral.DriverError, match="build-image.sh"):
-        await docker_driver.create(box_spec("corral-no-such-image:never"))
+        await driver.create(box_spec("corral-no-such-image:never"))
 
 
-async def test_crashing_box_fails_fast_with_its_logs(tracker, docker_client, docker_ready):
+async def test_crashing_box_fails_fast_with_its_logs(sandboxes, docker_client, docker_ready):
     # PYTHONHOME pointing nowhere makes the interpreter die at start-up.
     name = unique_name("crash")
     spec = box_spec(docker_ready, name=name, environment={"PYTHONHOME": "/nowhere"}, ready_timeout=60)
     t0 = time.monotonic()
     with pytest.raises(corral.DriverError) as err:
-        await tracker.create(spec)
+        await sandboxes.create(spec)
     # The driver watches the container while it waits: no waiting out ready_timeout.
     assert time.monotonic() - t0 < 30
     message = str(err.value)
