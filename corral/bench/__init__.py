@@ -16,12 +16,19 @@ holds the current ones with the command, date and machine behind each.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["write_json"]
+__all__ = ["write_json", "emit_json"]
 
 
 def write_json(path: str, data: Any) -> None:
     """A benchmark's figures as indented JSON at ``path``."""
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
+
+
+def emit_json(data: Any, path: Optional[str]) -> None:
+    """Print a benchmark's figures as JSON, and write them to ``path`` when given (``--out``)."""
+    print(json.dumps(data, indent=2))
+    if path:
+        write_json(path, data)

@@ -289,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in ("workers", "episodes", "calls", "pairs", "sessions"):
         if getattr(a, name) < 1:
             ap.error(f"--{name} must be at least 1")
-    from corral.bench.rollout import emit_json
+    from corral.bench import emit_json
 
     res = run(a.workers, a.episodes, a.calls, a.pairs, a.sessions)
     emit_json(res, a.out)

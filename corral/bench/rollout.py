@@ -587,15 +587,6 @@ def machine_info() -> dict:
     }
 
 
-def emit_json(result: dict, path: Optional[str]) -> None:
-    """Print a benchmark's figures as JSON, and write them to ``path`` when given (``--out``)."""
-    text = json.dumps(result, indent=2)
-    print(text)
-    if path:
-        with open(path, "w") as f:
-            f.write(text + "\n")
-
-
 def require_matplotlib() -> None:
     """Before minutes of work, not after: the figure needs matplotlib."""
     import importlib.util

@@ -360,7 +360,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("need --sessions >= 1, --actor-sessions >= 0, 0 < --idle < 1, 0 < --period < --timeout")
     import ray
 
-    from corral.bench.rollout import emit_json, machine_info
+    from corral.bench import emit_json
+    from corral.bench.rollout import machine_info
 
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
              object_store_memory=256 * MIB)
