@@ -64,6 +64,32 @@ def test_an_acquire_prefers_a_sandbox_on_its_own_node(cluster, cluster_manager):
         m.acquire(node="ab" * 28)
 
 
+def test_hosted_sessions_live_in_one_host_per_sandbox_node(cluster, cluster_manager):
+    import ray
+
+    from corral.actors.handles import HOST_PREFIX, SESSION_PREFIX
+    from corral.manager import down
+
+    m = cluster_manager(session_mode="hosted", pool_size=4)
+    m.reserve(n=0, wait=True, timeout=180)
+    held = [m.acquire(session_ctx_id=f"hosted-{n.address}", node=n.node_id) for n in (cluster.a, cluster.b)]
+    hosts = wait_for(lambda: (h := m.status()["session_hosts"]) and sum(x.get("bound", 0) for x in h) == 2 and h,
+                     timeout=60, what="both sessions bound to host slots")
+    # hosts run only where sandboxes do (never on the head), and no session has an actor of its own
+    assert {h["node"] for h in hosts} <= {cluster.a.node_id, cluster.b.node_id}, hosts
+    named = [e["name"] for e in ray.util.list_named_actors(all_namespaces=True) if e["namespace"] == m.config.namespace]
+    assert not [n for n in named if n.startswith(SESSION_PREFIX)], named
+    for sb in held:
+        assert m.heartbeat(sb.session_ctx_id) and sb.shell("echo ok").stdout.strip() == "ok"
+        sb.release()
+    wait_for(lambda: sum(x.get("bound", 0) for x in m.status()["session_hosts"]) == 0, timeout=30,
+             what="released sessions' slots unbound")
+    m.close()
+    down(m.config, timeout=60)
+    named = [e["name"] for e in ray.util.list_named_actors(all_namespaces=True) if e["namespace"] == m.config.namespace]
+    assert not [n for n in named if n.startswith(HOST_PREFIX)], named
+
+
 def test_a_node_that_dies_takes_its_sandboxes_and_its_sessions_come_back_elsewhere(cluster, cluster_manager):
     """Runs last among the process-driver tests: node B does not come back."""
     m = cluster_manager(pool_size=2, reconcile_interval=2)
