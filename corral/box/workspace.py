@@ -33,11 +33,11 @@ CHUNK_SIZE = 1 << 16
 
 
 #: The entry types the workspace reports, by their file-type test; anything else is "other".
-_KINDS = ((stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"))
+_KINDS = {"symlink": stat.S_ISLNK, "dir": stat.S_ISDIR, "file": stat.S_ISREG}
 
 
 def _kind(mode: int) -> str:
-    return next((name for is_kind, name in _KINDS if is_kind(mode)), "other")
+    return next((name for name, is_kind in _KINDS.items() if is_kind(mode)), "other")
 
 
 class Workspace:

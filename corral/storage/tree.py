@@ -87,21 +87,21 @@ class TreeScan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-#: A file type's test and the short name it is given, in the order they are asked.
-_KINDS = (
-    (stat.S_ISLNK, "symlink (not followed)"),
-    (stat.S_ISFIFO, "fifo"),
-    (stat.S_ISSOCK, "socket"),
-    (stat.S_ISCHR, "character device"),
-    (stat.S_ISBLK, "block device"),
-    (stat.S_ISDIR, "directory"),
-    (stat.S_ISREG, "regular file"),
-)
+#: The short name of each file type and its test, in the order they are asked.
+_KINDS = {
+    "symlink (not followed)": stat.S_ISLNK,
+    "fifo": stat.S_ISFIFO,
+    "socket": stat.S_ISSOCK,
+    "character device": stat.S_ISCHR,
+    "block device": stat.S_ISBLK,
+    "directory": stat.S_ISDIR,
+    "regular file": stat.S_ISREG,
+}
 
 
 def kind_of(mode: int) -> str:
     """A short name for a file type, used as the reason an entry was skipped."""
-    return next((name for is_kind, name in _KINDS if is_kind(mode)), "unknown file type")
+    return next((name for name, is_kind in _KINDS.items() if is_kind(mode)), "unknown file type")
 
 
 def _join(prefix: str, name: str) -> str:
