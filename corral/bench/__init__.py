@@ -10,6 +10,7 @@ holds the current ones with the command, date and machine behind each.
 - :mod:`corral.bench.storage_bench`: workspace sync to local and OSS storage.
 - :mod:`corral.bench.sessions_bench`: live sessions on one node, hosted (a SessionHost per node)
   against an actor each: memory and CPU per session, heartbeats, reaps on time.
+- :mod:`corral.bench.warm_bench`: a pool of many warm sandboxes at rest: its actors' CPU.
 - :mod:`corral.bench.box_bench`, :mod:`corral.bench.docker_bench`: the box alone, the engine alone.
 """
 
