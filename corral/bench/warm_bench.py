@@ -25,7 +25,7 @@ import uuid
 from typing import Optional
 
 from corral.bench.machine import idle_cpu_percent
-from corral.bench.sessions_bench import BOX_MIB, MIB, SPARE_GIB, _available_gib, _say
+from corral.bench.sessions_bench import BOX_MIB, SPARE_GIB, _available_gib, _say
 
 __all__ = ["main", "run"]
 
@@ -92,18 +92,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = ap.parse_args(argv)
     if a.sandboxes < 1 or a.seconds <= 0:
         ap.error("need --sandboxes >= 1 and --seconds > 0")
-    import ray
+    from corral.bench import on_local_ray
 
-    from corral.bench import emit_json
-    from corral.bench.rollout import machine_info
-
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * MIB)
-    try:
-        out = {"machine": machine_info(), "params": vars(a), "warm": run(a.sandboxes, a.seconds)}
-    finally:
-        ray.shutdown()
-    emit_json(out, a.out)
+    on_local_ray(lambda: {"warm": run(a.sandboxes, a.seconds)}, vars(a), a.out)
     return 0
 
 
