@@ -158,3 +158,47 @@ def test_a_box_that_stops_answering_is_replaced_though_its_pool_is_probed_in_bat
     reg.records[live].state = S.RUNNING
     reg.warm["base"].pop(live)
     assert refill.probed("base", {live: False}) == [] and live not in reg.pool("base").strikes
+
+
+async def test_a_pool_probes_its_boxes_at_most_max_probes_at_once_over_kept_connections():
+    import asyncio
+
+    from corral.actors.boxes import MAX_PROBES, Boxes
+    from corral.models import ContainerModel
+
+    conns, at_once, most = 0, 0, 0
+
+    async def box(reader, writer):
+        nonlocal conns, at_once, most
+        conns += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                at_once += 1
+                most = max(most, at_once)
+                await asyncio.sleep(0.01)
+                at_once -= 1
+                ok = b"authorization: bearer good" in head.lower()
+                status = b"200 OK" if ok else b"401 Unauthorized"
+                writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    servers = [await asyncio.start_server(box, "127.0.0.1", 0) for _ in range(40)]
+    urls = [f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers]
+    recs = [ContainerModel(container_name=f"c{i}", session_id=f"s{i}", url=u, runtime_token="good")
+            for i, u in enumerate(urls)]
+    boxes = Boxes()
+    try:
+        for _ in range(3):
+            assert await asyncio.gather(*(boxes.healthy(r) for r in recs)) == [True] * len(recs)
+        assert most <= MAX_PROBES
+        assert conns == len(recs)  # one connection per box, kept from one probe to the next
+        wrong = recs[0].model_copy(update={"runtime_token": "bad"})
+        gone = recs[1].model_copy(update={"url": "http://127.0.0.1:1"})
+        assert [await boxes.healthy(r) for r in (wrong, gone, recs[2].model_copy(update={"url": None}))] == [False] * 3
+    finally:
+        await boxes._probe_session().close()
+        for s in servers:
+            s.close()
