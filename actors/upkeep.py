@@ -5,8 +5,8 @@ new node id after a Ray restart, records of nodes that never come back), a long 
 its engine's events, the periodic reconciliation of each node's containers with the records, and
 the health probes of warm sandboxes. It decides nothing itself: the registry's cores do
 (``node_lost``, ``move_node``, ``reconcile``, ``engine_stopped``; ``HealthCore.plan``,
-``RefillCore.probed`` and ``replace_loopback``); this carries the calls and the outcomes. Part of the RegistryActor
-(``reg``), split out by concern.
+``RefillCore.probed`` and ``replace_loopback``); this carries the calls and the outcomes. Part of
+the RegistryActor (``reg``), split out by concern.
 """
 
 from __future__ import annotations
