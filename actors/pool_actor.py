@@ -222,7 +222,8 @@ class PoolActor:
         return [h.model_dump() for h in await self.driver.list(self._labels()) if self._ours(h.labels)]
 
     async def probe(self, records: list[dict]) -> dict[str, bool]:
-        """Whether each warm sandbox's box answers its health route."""
+        """Whether each warm sandbox's box answers its health route (a batch the registry chose;
+        at most ``MAX_PROBES`` of them at once, see :class:`~actors.boxes.Boxes`)."""
         recs = [ContainerModel.model_validate(r) for r in records]
         results = await asyncio.gather(*(self.boxes.healthy(r) for r in recs))
         return {r.container_name: ok for r, ok in zip(recs, results)}

@@ -1,7 +1,8 @@
 """RegistryActor: the one owner of a namespace's records, and the one that decides.
 
 What it owns: the :class:`~corral.core.registry.RegistryCore` (records, wait lines, pool
-targets) and the :class:`~corral.core.refill.RefillCore` deciding over it, the record store it
+targets), the :class:`~corral.core.refill.RefillCore` deciding over it, the
+:class:`~corral.core.health.HealthCore` (which warm sandboxes to probe when), the record store it
 checkpoints to, the lock that makes it the only registry of its state dir and namespace, its
 tick, its lane, and the parts that carry its decisions out: :class:`~actors.callers.Callers`
 (acquire, create, restore and reserve, and the callers waiting in line),
@@ -31,6 +32,7 @@ from typing import Optional
 
 import ray
 
+from corral.core.health import HealthCore
 from corral.core.refill import RefillCore
 from corral.core.registry import RegistryCore
 from corral.core.status import pool_status, registry_status
@@ -55,7 +57,7 @@ logger = logging.getLogger("corral.registry")
 S = ContainerState
 COMPACT_EVERY = 5000  # log lines between snapshots
 NODES_EVERY = 2.0  # seconds between reads of Ray's node table
-HEALTH_EVERY = 5.0  # seconds between health probes of warm sandboxes
+PROBE_EVERY = 1.0  # seconds between batches of health probes (HealthCore decides whom each probes)
 
 
 class RegistryActor:
@@ -71,6 +73,7 @@ class RegistryActor:
         self.node = ray.get_runtime_context().get_node_id()
         self.core = RegistryCore(self.config, registry_id=self.ns, node=self.node)
         self.refill = RefillCore(self.core)
+        self.health = HealthCore()
         self.store = JsonlRecordStore(os.path.join(self.config.abs_state_dir(), self.ns, "registry"))
         self.lock = RegistryLock(self.config.abs_state_dir(), self.ns)
         self.nodes = NodeSet(self.config, self.owner)
@@ -172,7 +175,7 @@ class RegistryActor:
         self.outbox.put(*[("teardown", td) for td in self.refill.plan_shrink()])
         self.core.expire()
         if now >= self._due["health"]:
-            self._due["health"] = now + HEALTH_EVERY
+            self._due["health"] = now + PROBE_EVERY
             self.upkeep.probe_all()
         if now >= self._due["reconcile"]:
             self._due["reconcile"] = now + self.config.reconcile_interval

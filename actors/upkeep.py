@@ -4,9 +4,9 @@ What it owns: the node-table follow-up (nodes that come and go, a machine that c
 new node id after a Ray restart, records of nodes that never come back), a long poll per node on
 its engine's events, the periodic reconciliation of each node's containers with the records, and
 the health probes of warm sandboxes. It decides nothing itself: the registry's cores do
-(``node_lost``, ``move_node``, ``reconcile``, ``engine_stopped``; ``RefillCore.probed`` and
-``replace_loopback``); this carries the calls and the outcomes. Part of the RegistryActor
-(``reg``), split out by concern.
+(``node_lost``, ``move_node``, ``reconcile``, ``engine_stopped``; ``HealthCore.plan``,
+``RefillCore.probed`` and ``replace_loopback``); this carries the calls and the outcomes. Part of
+the RegistryActor (``reg``), split out by concern.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ class Upkeep:
     def __init__(self, reg: "RegistryActor") -> None:
         self.reg = reg
         self._watchers: dict[str, asyncio.Task] = {}
-        self._probes: dict[tuple, asyncio.Task] = {}
         self._missing: dict[str, float] = {}  # node named by records, not in the node table: since when
 
     # -- nodes -----------------------------------------------------------------
@@ -163,23 +162,27 @@ class Upkeep:
     # -- health ----------------------------------------------------------------
 
     def probe_all(self) -> None:
-        reg = self.reg
-        for info in reg.nodes.nodes.values():
-            for t, pool in info.pools.items():
-                key = (t, info.node_id)
-                if key in self._probes and not self._probes[key].done():
-                    continue
-                warm = [r.model_dump(mode="json") for r in reg.core.on_node(info.node_id, S.WARM)
-                        if r.sandbox_type == t]
-                if warm:
-                    self._probes[key] = fire(self._probe(pool, warm), f"probe {t}")
+        """Send the health probes :class:`~corral.core.health.HealthCore` says are due now, a batch
+        per pool."""
+        reg, core = self.reg, self.reg.core
+        warm = []
+        for t, names in core.warm.items():
+            for name in names:
+                node = core.node_of(core.records[name])
+                if reg.nodes.pool(t, node) is not None:
+                    warm.append((name, t, node))
+        for (t, node), names in reg.health.plan(warm, time.monotonic()).items():
+            recs = [core.records[n].model_dump(mode="json") for n in names]
+            fire(self._probe(reg.nodes.pool(t, node), names, recs), f"probe {len(names)} {t}")
 
-    async def _probe(self, pool: PoolHandle, warm: list[dict]) -> None:
+    async def _probe(self, pool: PoolHandle, names: list[str], warm: list[dict]) -> None:
         reg = self.reg
         try:
             results = await pool.probe(warm)
         except (ActorGone, asyncio.TimeoutError):
             return
+        finally:
+            reg.health.answered(names)
         tds = reg.refill.probed(pool.sandbox_type, results)
         if tds:
             for td in tds:

@@ -358,21 +358,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = ap.parse_args(argv)
     if a.sessions < 1 or a.actor_sessions < 0 or not 0 < a.idle < 1 or a.period <= 0 or a.timeout <= a.period:
         ap.error("need --sessions >= 1, --actor-sessions >= 0, 0 < --idle < 1, 0 < --period < --timeout")
-    import ray
+    from corral.bench import on_local_ray
 
-    from corral.bench import emit_json
-    from corral.bench.rollout import machine_info
-
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * MIB)
-    try:
-        out = {"machine": machine_info(), "params": vars(a),
-               "hosted": run_mode("hosted", a.sessions, a.timeout, a.period, a.idle)}
+    def measure() -> dict:
+        out = {"hosted": run_mode("hosted", a.sessions, a.timeout, a.period, a.idle)}
         if a.actor_sessions:
             out["actor"] = run_mode("actor", a.actor_sessions, a.timeout, a.period, a.idle)
-    finally:
-        ray.shutdown()
-    emit_json(out, a.out)
+        return out
+
+    on_local_ray(measure, vars(a), a.out)
     return 0
 
 

@@ -10,6 +10,7 @@ Each actor in :mod:`corral.actors` is a thin shell over one of these. Who decide
 - :mod:`.refill` (:class:`RefillCore`): which sandboxes to start (refill) and where, which warm
   ones to drop (surplus, failed probes, unreachable);
 - :mod:`.pool` (:class:`PoolCore`): one type's target, back-off, shrink and health strikes;
+- :mod:`.health` (:class:`HealthCore`): which warm sandboxes to probe when (each node's probe rate);
 - :mod:`.placement`: which node a new sandbox starts on;
 - :mod:`.lines` (:class:`WaitLines`): who waits, in which order;
 - :mod:`.status`: what the registry's ``status()`` reports;
@@ -19,6 +20,7 @@ Each actor in :mod:`corral.actors` is a thin shell over one of these. Who decide
 """
 
 from .acquire import AcquireCore
+from .health import HealthCore
 from .lines import WaitLines
 from .placement import NodeView, place
 from .pool import PoolCore
@@ -28,6 +30,6 @@ from .session import KEEP, REAP, SessionCore
 from .spares import SessionActors
 
 __all__ = [
-    "AcquireCore", "PoolCore", "RefillCore", "RegistryCore", "ReconcilePlan", "Teardown", "SessionCore", "KEEP", "REAP", "WaitLines",
+    "AcquireCore", "HealthCore", "PoolCore", "RefillCore", "RegistryCore", "ReconcilePlan", "Teardown", "SessionCore", "KEEP", "REAP", "WaitLines",
     "NodeView", "place", "SessionActors",
 ]

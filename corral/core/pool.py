@@ -10,12 +10,12 @@ counts it decides from (warm, starting, resetting, waiting) are the
 registry's own and are passed in, never copied.
 
 No Ray, no I/O, an injected clock (``now`` arguments). Every method is O(1)
-but :meth:`probe`, which is O(probed).
+but :meth:`probe`, which is O(probed) (and O(strikes) with ``warm``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Collection, Optional
 
 from corral.errors import InvalidRequest
 
@@ -106,20 +106,23 @@ class PoolCore:
         self.surplus_since = None
         return surplus
 
-    def probe(self, results: dict[str, bool]) -> list[str]:
-        """Fold in one health probe of the warm sandboxes (name -> answered); returns those to
-        replace. Sandboxes not probed this time are forgotten (no longer warm)."""
-        strikes = {}
+    def probe(self, results: dict[str, bool], warm: Optional[Collection[str]] = None) -> list[str]:
+        """Fold in the answers of a health probe of some warm sandboxes (name -> answered); returns
+        those to replace. A sandbox not in ``results`` keeps its strikes (it was not probed this
+        time); with ``warm``, the strikes of sandboxes no longer in it are forgotten."""
+        if warm is not None:
+            self.strikes = {n: k for n, k in self.strikes.items() if n in warm}
         sick = []
         for name, ok in results.items():
             if ok:
+                self.strikes.pop(name, None)
                 continue
             n = self.strikes.get(name, 0) + 1
             if n >= HEALTH_STRIKES:
+                self.strikes.pop(name, None)
                 sick.append(name)
             else:
-                strikes[name] = n
-        self.strikes = strikes
+                self.strikes[name] = n
         self.dropped_sick += len(sick)
         return sick
 

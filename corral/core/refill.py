@@ -94,15 +94,16 @@ class RefillCore:
         return out
 
     def probed(self, sandbox_type: str, results: dict[str, bool]) -> list[Teardown]:
-        """Fold in a health probe of the type's warm sandboxes; teardowns of the sick ones."""
+        """Fold in the answers of a health probe of some of the type's warm sandboxes (those the
+        :class:`~corral.core.health.HealthCore` chose); teardowns of the sick ones."""
         core = self.core
+        warm = core.warm.get(sandbox_type, {})
         out = []
-        for name in core.pool(sandbox_type).probe(results):
-            rec = core.records.get(name)
-            if rec is not None and rec.state == S.WARM:
-                td = core.release(name)
-                if td is not None:
-                    out.append(td)
+        # an answer about a sandbox that left WARM since (acquired, gone) says nothing about it now
+        for name in core.pool(sandbox_type).probe({n: ok for n, ok in results.items() if n in warm}, warm=warm):
+            td = core.release(name)
+            if td is not None:
+                out.append(td)
         return out
 
     def replace_loopback(self) -> list[Teardown]:
