@@ -113,8 +113,11 @@ _PORT_KEY = f"{BOX_PORT}/tcp"
 #: Threads for blocking engine calls: more than the starts and removals a node runs at once.
 ENGINE_THREADS = 32
 _READY_POLL = 0.02
-#: How often the health route is polled while the driver waits for the box's ready line.
+#: How often the health route is polled while the driver waits for the box's ready line, and
+#: after how long that starts (a fallback for a box that prints no line; a box that does is
+#: ready sooner, and is checked once when its line comes).
 _READY_POLL_SLOW = 0.5
+_READY_POLL_SLOW_AFTER = 2.0
 #: The start of the line the box prints on stdout once it listens (corral.box.__main__.READY_MARK).
 _READY_MARK = b"corral-box-ready"
 #: Output kept from a box that ends before its ready line (for the error).
@@ -724,7 +727,8 @@ class DockerDriver(Driver):
                                timeout: float) -> None:
         """Wait for the box's ready line (read by ``reading``), then check its health route once.
         The route is also polled slowly meanwhile, for a box that prints no line (an older image)."""
-        polling = asyncio.ensure_future(self._wait_ready(container_id, name, url, token, timeout, _READY_POLL_SLOW))
+        polling = asyncio.ensure_future(self._wait_ready(container_id, name, url, token, timeout, _READY_POLL_SLOW,
+                                                         first_after=_READY_POLL_SLOW_AFTER))
         try:
             done, _ = await asyncio.wait([reading, polling], return_when=asyncio.FIRST_COMPLETED)
             if polling in done:
@@ -749,10 +753,13 @@ class DockerDriver(Driver):
         await self._wait_ready(container_id, name, url, token, timeout)
 
     async def _wait_ready(self, container_id: str, name: str, url: str, token: Optional[str], timeout: float,
-                          every: float = _READY_POLL) -> None:
-        """Poll the health route every ``every`` s until it answers; with no token, any HTTP answer (401) counts."""
+                          every: float = _READY_POLL, first_after: float = 0.0) -> None:
+        """Poll the health route every ``every`` s (the first time after ``first_after`` s) until it
+        answers; with no token, any HTTP answer (401) counts."""
         api = await self._api()
         deadline = time.monotonic() + timeout
+        if first_after > 0:
+            await asyncio.sleep(min(first_after, timeout))
         next_alive_check = time.monotonic() + _ALIVE_CHECK
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # trust_env=False: a proxy from the environment must never see 127.0.0.1 traffic.

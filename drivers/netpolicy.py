@@ -42,6 +42,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterable, Literal, Optional, Sequence
@@ -59,6 +60,7 @@ __all__ = [
     "base_rules",
     "hook_rules",
     "sandbox_rules",
+    "purge_lines",
     "host_resolvers",
     "NodeLock",
     "Firewall",
@@ -89,6 +91,10 @@ _NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,14}$")
 _COMMENT_PREFIX = "corral-sandbox="
 #: How long a driver waits for another process's firewall change on this node.
 LOCK_TIMEOUT = 60.0
+#: Seconds one iptables run may take (it waits up to 10 s for the xtables lock).
+_TOOL_TIMEOUT = 30.0
+#: ``Firewall._admitted`` has no entry for a container.
+_UNKNOWN = object()
 
 
 # --- checking what a sandbox type asks for -----------------------------------
@@ -257,6 +263,42 @@ def hook6_rules(chains: Chains) -> list[tuple[str, list[str]]]:
     return [("INPUT", ["-i", chains.bridge, "-j", "DROP"]), ("FORWARD", ["-i", chains.bridge, "-j", "DROP"])]
 
 
+def _restore_text(lines: Sequence[str]) -> str:
+    return "\n".join(["*filter", *lines, "COMMIT", ""])
+
+
+def _dispatch_rule(chains: Chains, container_id: str, ip: str, target: str) -> str:
+    """The spec (after ``-I/-A/-D <dispatch>``) of a sandbox's rule in the dispatch chain."""
+    return f"-s {ip}/32 -m comment --comment {_COMMENT_PREFIX}{container_id[:12]} -g {target}"
+
+
+def _sandbox_lines(
+    chains: Chains,
+    container_id: str,
+    ip: str,
+    mode: str,
+    allowed: Sequence[ipaddress.IPv4Network],
+    blocked: Sequence[str],
+    dns: Sequence[str],
+) -> tuple[list[str], Optional[str]]:
+    """The restore lines that admit one sandbox, and the chain its rule jumps to (None: no rule)."""
+    if mode == "none":
+        return [], None
+    if mode == "egress":
+        return [f"-I {chains.dispatch} 1 {_dispatch_rule(chains, container_id, ip, chains.egress)}"], chains.egress
+    if mode != "allowlist":
+        raise InvalidRequest(f"network: unknown mode {mode!r}")
+    own = chains.allow(container_id)
+    return [
+        f":{own} - [0:0]",
+        *_dns_lines(own, dns),
+        *(f"-A {own} -d {net} -j DROP" for net in blocked),
+        *(f"-A {own} -d {net} -j RETURN" for net in allowed),
+        f"-A {own} -j DROP",
+        f"-I {chains.dispatch} 1 {_dispatch_rule(chains, container_id, ip, own)}",
+    ], own
+
+
 def sandbox_rules(
     chains: Chains,
     container_id: str,
@@ -267,25 +309,8 @@ def sandbox_rules(
     dns: Sequence[str],
 ) -> Optional[str]:
     """``iptables-restore --noflush`` input that admits one sandbox; None for mode ``none`` (no rule)."""
-    tag = f"-m comment --comment {_COMMENT_PREFIX}{container_id[:12]}"
-    if mode == "none":
-        return None
-    if mode == "egress":
-        return "\n".join(["*filter", f"-I {chains.dispatch} 1 -s {ip}/32 {tag} -g {chains.egress}", "COMMIT", ""])
-    if mode != "allowlist":
-        raise InvalidRequest(f"network: unknown mode {mode!r}")
-    own = chains.allow(container_id)
-    return "\n".join([
-        "*filter",
-        f":{own} - [0:0]",
-        *_dns_lines(own, dns),
-        *(f"-A {own} -d {net} -j DROP" for net in blocked),
-        *(f"-A {own} -d {net} -j RETURN" for net in allowed),
-        f"-A {own} -j DROP",
-        f"-I {chains.dispatch} 1 -s {ip}/32 {tag} -g {own}",
-        "COMMIT",
-        "",
-    ])
+    lines, _ = _sandbox_lines(chains, container_id, ip, mode, allowed, blocked, dns)
+    return _restore_text(lines) if lines else None
 
 
 @dataclass(frozen=True)
@@ -317,6 +342,34 @@ def _parse_dispatch(listing: str, chain: str) -> list[_Rule]:
     return rules
 
 
+def _restore_word(word: str) -> str:
+    """One word of an ``iptables -S`` rule, quoted the way ``iptables-restore`` reads it."""
+    if word and not re.search(r'[\s"\\\']', word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def purge_lines(listing: str, chains: Chains, container_id: str, ip: Optional[str],
+                keep: Optional[str] = None) -> list[str]:
+    """Restore lines that take away what an earlier admit of this sandbox (or of another
+    sandbox at ``ip``) left: their dispatch rules, then their allow chains, emptied and deleted.
+
+    ``listing`` is ``iptables -S`` of the filter table. ``keep`` is a chain the caller
+    declares again right after (declaring it empties it), so it is not deleted."""
+    existing = {line.split()[1] for line in listing.splitlines() if line.startswith("-N ") and len(line.split()) > 1}
+    owner = container_id[:12]
+    lines: list[str] = []
+    stale = {chains.allow(container_id)}
+    for rule in _parse_dispatch(listing, chains.dispatch):
+        if rule.owner == owner or (ip is not None and rule.source == ip):
+            lines.append(f"-D {chains.dispatch} " + " ".join(_restore_word(w) for w in rule.spec))
+            if rule.target and rule.target.startswith("CORRAL-A-"):
+                stale.add(rule.target)
+    for chain in sorted(stale & existing - {keep}):
+        lines += [f"-F {chain}", f"-X {chain}"]
+    return lines
+
+
 # --- running them -------------------------------------------------------------
 
 
@@ -339,9 +392,17 @@ def bridged_filtering(path: str = "/proc/sys/net/bridge/bridge-nf-call-iptables"
         )
 
 
+_TOOLS: dict[str, str] = {}
+
+
 def _tool(name: str) -> Optional[str]:
-    # Ray workers and services often run with a PATH that lacks the sbin directories.
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
+    if name not in _TOOLS:
+        # Ray workers and services often run with a PATH that lacks the sbin directories.
+        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
+        if found is None:
+            return None  # asked again next time: it may be installed meanwhile
+        _TOOLS[name] = found
+    return _TOOLS[name]
 
 
 class NodeLock:
@@ -386,6 +447,9 @@ class Firewall:
         self.blocked = list(blocked)
         self.dns = list(dns)
         self.node_lock = node_lock or NodeLock(network)
+        #: container id -> (its dispatch rule, its allow chain), or None: admitted with no rule.
+        #: What :meth:`forget` removes without listing first; the kernel's tables stay the truth.
+        self._admitted: dict[str, Optional[tuple[str, Optional[str]]]] = {}
 
     # -- plumbing --
 
@@ -397,14 +461,19 @@ class Firewall:
                 "(apt-get install iptables), or set DockerDriverConfig.firewall=False for trusted code"
             )
         argv = [path, "-w", "10", *args]  # -w: wait for the xtables lock rather than fail
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-        return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace").strip()
+
+        def run() -> subprocess.CompletedProcess:
+            # subprocess in a thread: CPython spawns with vfork, where an event loop such as
+            # uvloop (Ray's) forks and copies the page tables of the whole actor process.
+            return subprocess.run(argv, input=stdin.encode() if stdin is not None else None,
+                                  stdin=subprocess.DEVNULL if stdin is None else None,
+                                  capture_output=True, timeout=_TOOL_TIMEOUT)
+
+        try:
+            proc = await asyncio.to_thread(run)
+        except subprocess.TimeoutExpired:
+            raise DriverError(f"{tool} {' '.join(args)} did not finish within {_TOOL_TIMEOUT:g}s") from None
+        return proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace").strip()
 
     async def _must(self, tool: str, args: Sequence[str], stdin: Optional[str] = None) -> str:
         rc, out, err = await self._run(tool, args, stdin)
@@ -427,10 +496,6 @@ class Firewall:
             rc, _, _ = await self._run(tool, ["-D", chain, *rule])
             if rc != 0:
                 return
-
-    async def _drop_chain(self, chain: str) -> None:
-        await self._run("iptables", ["-F", chain])
-        await self._run("iptables", ["-X", chain])
 
     # -- the shared chains --
 
@@ -477,34 +542,43 @@ class Firewall:
     # -- one sandbox --
 
     async def admit(self, container_id: str, ip: str, mode: str, allowed: Sequence[ipaddress.IPv4Network]) -> None:
-        """Give the sandbox at ``ip`` its mode's rule, replacing any earlier rule for that address or id."""
+        """Give the sandbox at ``ip`` its mode's rule, replacing any earlier rule for that address or id.
+
+        Two tool runs: a listing, then one atomic ``iptables-restore`` that removes what is
+        stale and adds the new rule."""
+        lines, target = _sandbox_lines(self.chains, container_id, ip, mode, allowed, self.blocked, self.dns)
+        own = target if target and target.startswith("CORRAL-A-") else None
         async with self.node_lock():
-            await self._purge(container_id, ip)
-            text = sandbox_rules(self.chains, container_id, ip, mode, allowed, self.blocked, self.dns)
-            if text is not None:
-                await self._must("iptables-restore", ["--noflush"], text)
+            listing = await self._must("iptables", ["-S"])
+            changes = purge_lines(listing, self.chains, container_id, ip, keep=own) + lines
+            if changes:
+                await self._must("iptables-restore", ["--noflush"], _restore_text(changes))
+            self._admitted[container_id] = (
+                None if target is None else (_dispatch_rule(self.chains, container_id, ip, target), own)
+            )
 
     async def forget(self, container_id: str) -> None:
-        """Remove the sandbox's rule and chain (idempotent)."""
-        async with self.node_lock():
-            await self._purge(container_id, None)
+        """Remove the sandbox's rule and chain (idempotent).
 
-    async def _purge(self, container_id: str, ip: Optional[str]) -> None:
-        c = self.chains
-        rc, listing, err = await self._run("iptables", ["-S", c.dispatch])
-        if rc != 0:
-            return  # no chain, no rules
-        owner = container_id[:12]
-        stale_chains = set()
-        for rule in _parse_dispatch(listing, c.dispatch):
-            if rule.owner == owner or (ip is not None and rule.source == ip):
-                await self._run("iptables", ["-D", c.dispatch, *rule.spec])
-                if rule.target and rule.target.startswith("CORRAL-A-"):
-                    stale_chains.add(rule.target)
-        stale_chains.add(c.allow(container_id))
-        for chain in stale_chains:
-            if await self._chain_exists(chain):
-                await self._drop_chain(chain)
+        A sandbox this instance admitted loses its rule in one ``iptables-restore`` (nothing,
+        for mode ``none``); otherwise, or when that rule is gone already, the rules are listed
+        and everything of the sandbox's id is removed."""
+        async with self.node_lock():
+            known = self._admitted.pop(container_id, _UNKNOWN)
+            if known is None:
+                return
+            if known is not _UNKNOWN:
+                rule, own = known
+                lines = [f"-D {self.chains.dispatch} {rule}"] + ([f"-F {own}", f"-X {own}"] if own else [])
+                rc, _, _ = await self._run("iptables-restore", ["--noflush"], _restore_text(lines))
+                if rc == 0:
+                    return
+            rc, listing, _ = await self._run("iptables", ["-S"])
+            if rc != 0:
+                return
+            lines = purge_lines(listing, self.chains, container_id, None)
+            if lines:
+                await self._must("iptables-restore", ["--noflush"], _restore_text(lines))
 
     async def admitted(self) -> dict[str, str]:
         """Container id prefix -> address of every sandbox rule in the dispatch chain."""

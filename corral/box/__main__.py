@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["main", "parse_args", "write_ready_file", "read_token", "make_non_dumpable", "TokenError", "READY_MARK"]
+__all__ = ["main", "parse_args", "write_ready_file", "read_token", "make_non_dumpable", "uvicorn_core", "TokenError",
+           "READY_MARK"]
 
 #: Seconds in-flight requests get to finish after SIGTERM before the box closes them.
 SHUTDOWN_GRACE = 2.0
@@ -106,7 +107,7 @@ async def _serve(args: argparse.Namespace, token: str) -> None:
     runtime = BoxRuntime(args.workspace, args.tmp_dir)
     try:
         runtime.begin()  # the fork server's interpreter starts while the box imports its HTTP stack
-        import uvicorn
+        Config, Server = uvicorn_core()
 
         from .app import create_app
 
@@ -114,7 +115,7 @@ async def _serve(args: argparse.Namespace, token: str) -> None:
         await runtime.start()
         gc.freeze()  # what the start made lives as long as the box: no collection need walk it again
         gc.enable()
-        config = uvicorn.Config(
+        config = Config(
             app,
             host=args.host,
             port=args.port,
@@ -126,13 +127,14 @@ async def _serve(args: argparse.Namespace, token: str) -> None:
             log_level="warning",
             access_log=False,
             lifespan="off",  # the runtime is started and closed here, around the server
+            ws="none",  # the box serves no websocket: nor does it import a websocket library
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
             timeout_keep_alive=KEEP_ALIVE,
             server_header=False,
         )
         ready_file = args.ready_file
 
-        class _Server(uvicorn.Server):
+        class _Server(Server):
             async def startup(self, sockets=None) -> None:
                 await super().startup(sockets=sockets)
                 if self.started and ready_file:
@@ -158,6 +160,35 @@ async def _serve(args: argparse.Namespace, token: str) -> None:
         await server.serve()
     finally:
         await runtime.close()
+
+
+def uvicorn_core() -> tuple[type, type]:
+    """uvicorn's ``Config`` and ``Server``, loaded without running the package's ``__init__``.
+
+    That ``__init__`` imports uvicorn's command line (click) and its reloaders (watchfiles),
+    which the box never uses and which cost about a fifth of its boot. The package is
+    registered unexecuted and only the two modules the box needs are imported from it;
+    where that does not work (another layout), the whole package is imported as usual.
+    """
+    import importlib
+    import importlib.util
+
+    if "uvicorn" not in sys.modules:
+        spec = importlib.util.find_spec("uvicorn")
+        if spec is not None and spec.submodule_search_locations is not None:
+            package = importlib.util.module_from_spec(spec)
+            sys.modules["uvicorn"] = package
+            try:
+                config = importlib.import_module("uvicorn.config")
+                server = importlib.import_module("uvicorn.server")
+                package.Config, package.Server = config.Config, server.Server
+                return config.Config, server.Server
+            except (ImportError, AttributeError):
+                for name in [m for m in sys.modules if m == "uvicorn" or m.startswith("uvicorn.")]:
+                    del sys.modules[name]
+    import uvicorn
+
+    return uvicorn.Config, uvicorn.Server
 
 
 def make_non_dumpable() -> bool:

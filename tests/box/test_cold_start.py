@@ -207,3 +207,20 @@ async def test_a_box_whose_kernel_cannot_run_exits_before_it_answers(tmp_path: P
         assert "corral box: the Python kernel cannot run in this sandbox" in err and "ipykernel" in err, err
     finally:
         _stop(proc)
+
+
+async def test_the_box_loads_uvicorns_server_without_its_command_line_reloaders_or_websockets() -> None:
+    # In a fresh interpreter, as the box does: nothing of uvicorn imported before.
+    script = (
+        "import sys\n"
+        "from corral.box.__main__ import uvicorn_core\n"
+        "Config, Server = uvicorn_core()\n"
+        "assert Config.__module__ == 'uvicorn.config' and Server.__module__ == 'uvicorn.server'\n"
+        "config = Config(lambda scope, receive, send: None, ws='none', loop='none', lifespan='off')\n"
+        "config.load()\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'click', 'watchfiles', 'websockets'}))\n"
+    )
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True,
+                                  timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

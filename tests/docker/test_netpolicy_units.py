@@ -15,6 +15,7 @@ from corral.drivers.netpolicy import (
     check_network,
     hook_rules,
     host_resolvers,
+    purge_lines,
     sandbox_rules,
     split_allow,
 )
@@ -99,6 +100,46 @@ def test_dispatch_listing_is_parsed_for_owner_source_and_target():
     # What deletes the rule again: the spec exactly as listed, quotes gone.
     assert rules[0].spec == ["-s", "10.210.0.9/32", "-m", "comment", "--comment", "corral-sandbox=a2193afc4663",
                              "-g", "CORRAL-E-corral"]
+
+
+def test_purge_removes_a_sandboxs_earlier_rules_and_whatever_held_its_address():
+    cid = "a2193afc4663" + "0" * 52
+    listing = "\n".join([
+        "-P INPUT ACCEPT",
+        "-N CORRAL-A-a2193afc4663",
+        "-N CORRAL-A-cccccccccccc",
+        "-N CORRAL-A-dddddddddddd",
+        "-N CORRAL-SBX-corral",
+        "-A CORRAL-A-cccccccccccc -j DROP",
+        # this id's earlier rule, a stale rule of another sandbox at the same address, a bystander
+        '-A CORRAL-SBX-corral -s 10.210.0.7/32 -m comment --comment "corral-sandbox=a2193afc4663" -g CORRAL-E-corral',
+        '-A CORRAL-SBX-corral -s 10.210.0.9/32 -m comment --comment "corral-sandbox=cccccccccccc" '
+        "-g CORRAL-A-cccccccccccc",
+        '-A CORRAL-SBX-corral -s 10.210.0.10/32 -m comment --comment "corral-sandbox=dddddddddddd" '
+        "-g CORRAL-A-dddddddddddd",
+        "-A CORRAL-SBX-corral -j DROP",
+    ])
+    lines = purge_lines(listing, C, cid, "10.210.0.9")
+    assert lines == [
+        "-D CORRAL-SBX-corral -s 10.210.0.7/32 -m comment --comment corral-sandbox=a2193afc4663 -g CORRAL-E-corral",
+        "-D CORRAL-SBX-corral -s 10.210.0.9/32 -m comment --comment corral-sandbox=cccccccccccc "
+        "-g CORRAL-A-cccccccccccc",
+        # rules first, then the chains they jumped to (this id's own chain too), emptied and deleted
+        "-F CORRAL-A-a2193afc4663", "-X CORRAL-A-a2193afc4663",
+        "-F CORRAL-A-cccccccccccc", "-X CORRAL-A-cccccccccccc",
+    ]
+    # A chain declared again right after is emptied by that declaration, not deleted.
+    assert "-X CORRAL-A-a2193afc4663" not in purge_lines(listing, C, cid, None, keep="CORRAL-A-a2193afc4663")
+    # forget: by id only; a chain that does not exist is not touched.
+    assert purge_lines(listing, C, "e" * 64, None) == []
+    assert purge_lines("", C, cid, "10.210.0.9") == []
+
+
+def test_a_rule_with_a_quoted_word_is_deleted_as_iptables_restore_reads_it():
+    listing = ('-A CORRAL-SBX-corral -s 10.210.0.9/32 -m comment --comment "a b \\"c\\"" '
+               "-g CORRAL-E-corral")
+    (line,) = purge_lines(listing, C, "f" * 64, "10.210.0.9")
+    assert line == '-D CORRAL-SBX-corral -s 10.210.0.9/32 -m comment --comment "a b \\"c\\"" -g CORRAL-E-corral'
 
 
 def test_allow_lists_and_modes():

@@ -323,5 +323,37 @@ async def test_rules_go_with_their_sandboxes_and_the_network_with_teardown(lab):
     await lab.driver.teardown_network()  # idempotent
 
 
+async def test_an_address_taken_over_keeps_no_earlier_rule_and_forget_finds_a_moved_rule(lab):
+    """What a crashed driver leaves for an address is replaced at the next admit; a rule the
+    driver no longer knows exactly is found by listing (all on the real iptables of the lab)."""
+    import ipaddress
+
+    from corral.drivers.netpolicy import Chains
+
+    await lab.driver.ensure_network()
+    fw = lab.driver._firewall
+    chains = Chains(NETWORK)
+    ip = "10.214.1.250"  # in the lab's subnet, never handed out while this test runs
+    old, new, moved = "f" * 64, "e" * 64, "d" * 64
+    await fw.admit(old, ip, "allowlist", [ipaddress.ip_network(OUTSIDE)])
+    fw._admitted.pop(old)  # as if its driver had crashed
+    assert f"-N {chains.allow(old)}" in _iptables("-S")
+    await fw.admit(new, ip, "egress", [])
+    rules = _iptables("-S")
+    assert old[:12] not in rules  # its rule and its allow chain went
+    assert f"corral-sandbox={new[:12]} -g {chains.egress}" in rules.replace('"', "")
+    await fw.forget(new)
+    assert new[:12] not in _iptables("-S")
+
+    await fw.admit(moved, ip, "allowlist", [ipaddress.ip_network(OUTSIDE)])
+    # Someone rewrote its rule behind the driver's back: the exact delete fails, the listing finds it.
+    _iptables("-D", chains.dispatch, "1")
+    _iptables("-I", chains.dispatch, "1", "-s", f"{ip}/32", "-m", "comment", "--comment",
+              f"corral-sandbox={moved[:12]}", "-j", "DROP")
+    await fw.forget(moved)
+    assert moved[:12] not in _iptables("-S")
+    await fw.forget(moved)  # idempotent
+
+
 def _iptables(*args: str, tool: str = "iptables") -> str:
     return subprocess.run([tool, "-w", "10", *args], capture_output=True, text=True, check=True).stdout
