@@ -26,7 +26,7 @@ corral's chains never ``ACCEPT``: what they let through goes on to the engine's
 own rules (and whatever firewall the node has), so they only ever take away.
 
 The rule texts are built by pure functions (:func:`base_rules`,
-:func:`sandbox_rules`, ...); :class:`Firewall` runs them with ``iptables``,
+:func:`sandbox_lines`, ...); :class:`Firewall` runs them with ``iptables``,
 under a lock file per network so the drivers of every process on the node
 (one per sandbox type) take turns. Needs root and ``iptables`` on the node.
 """
@@ -59,7 +59,7 @@ __all__ = [
     "check_network_name",
     "base_rules",
     "hook_rules",
-    "sandbox_rules",
+    "sandbox_lines",
     "purge_lines",
     "host_resolvers",
     "NodeLock",
@@ -272,7 +272,7 @@ def _dispatch_rule(chains: Chains, container_id: str, ip: str, target: str) -> s
     return f"-s {ip}/32 -m comment --comment {_COMMENT_PREFIX}{container_id[:12]} -g {target}"
 
 
-def _sandbox_lines(
+def sandbox_lines(
     chains: Chains,
     container_id: str,
     ip: str,
@@ -281,7 +281,8 @@ def _sandbox_lines(
     blocked: Sequence[str],
     dns: Sequence[str],
 ) -> tuple[list[str], Optional[str]]:
-    """The restore lines that admit one sandbox, and the chain its rule jumps to (None: no rule)."""
+    """``iptables-restore --noflush`` lines that admit one sandbox, and the chain its rule jumps
+    to (no lines and None for mode ``none``: no rule)."""
     if mode == "none":
         return [], None
     if mode == "egress":
@@ -297,20 +298,6 @@ def _sandbox_lines(
         f"-A {own} -j DROP",
         f"-I {chains.dispatch} 1 {_dispatch_rule(chains, container_id, ip, own)}",
     ], own
-
-
-def sandbox_rules(
-    chains: Chains,
-    container_id: str,
-    ip: str,
-    mode: str,
-    allowed: Sequence[ipaddress.IPv4Network],
-    blocked: Sequence[str],
-    dns: Sequence[str],
-) -> Optional[str]:
-    """``iptables-restore --noflush`` input that admits one sandbox; None for mode ``none`` (no rule)."""
-    lines, _ = _sandbox_lines(chains, container_id, ip, mode, allowed, blocked, dns)
-    return _restore_text(lines) if lines else None
 
 
 @dataclass(frozen=True)
@@ -546,7 +533,7 @@ class Firewall:
 
         Two tool runs: a listing, then one atomic ``iptables-restore`` that removes what is
         stale and adds the new rule."""
-        lines, target = _sandbox_lines(self.chains, container_id, ip, mode, allowed, self.blocked, self.dns)
+        lines, target = sandbox_lines(self.chains, container_id, ip, mode, allowed, self.blocked, self.dns)
         own = target if target and target.startswith("CORRAL-A-") else None
         async with self.node_lock():
             listing = await self._must("iptables", ["-S"])

@@ -16,7 +16,7 @@ from corral.drivers.netpolicy import (
     hook_rules,
     host_resolvers,
     purge_lines,
-    sandbox_rules,
+    sandbox_lines,
     split_allow,
 )
 
@@ -59,19 +59,17 @@ def test_hooks_go_to_docker_user_when_the_engine_has_it():
     assert hook_rules(C, False)[1][0] == "FORWARD"
 
 
-def test_sandbox_rules_per_mode():
+def test_sandbox_lines_per_mode():
     cid = "a2193afc4663" + "0" * 52
-    assert sandbox_rules(C, cid, "10.210.0.9", "none", [], [], []) is None
-    egress = sandbox_rules(C, cid, "10.210.0.9", "egress", [], ["10.0.0.0/8"], ["10.255.255.53"])
-    assert egress.splitlines() == [
-        "*filter",
+    assert sandbox_lines(C, cid, "10.210.0.9", "none", [], [], []) == ([], None)
+    egress = sandbox_lines(C, cid, "10.210.0.9", "egress", [], ["10.0.0.0/8"], ["10.255.255.53"])
+    assert egress == ([
         "-I CORRAL-SBX-corral 1 -s 10.210.0.9/32 -m comment --comment corral-sandbox=a2193afc4663 -g CORRAL-E-corral",
-        "COMMIT",
-    ]
+    ], "CORRAL-E-corral")
     allowed = [ipaddress.ip_network("1.2.3.0/24"), ipaddress.ip_network("5.6.7.8/32")]
-    text = sandbox_rules(C, cid, "10.210.0.9", "allowlist", allowed, ["10.0.0.0/8"], ["10.255.255.53"])
-    assert text.splitlines() == [
-        "*filter",
+    lines, target = sandbox_lines(C, cid, "10.210.0.9", "allowlist", allowed, ["10.0.0.0/8"], ["10.255.255.53"])
+    assert target == "CORRAL-A-a2193afc4663"
+    assert lines == [
         ":CORRAL-A-a2193afc4663 - [0:0]",
         "-A CORRAL-A-a2193afc4663 -d 10.255.255.53/32 -p udp -m udp --dport 53 -j RETURN",
         "-A CORRAL-A-a2193afc4663 -d 10.255.255.53/32 -p tcp -m tcp --dport 53 -j RETURN",
@@ -80,7 +78,6 @@ def test_sandbox_rules_per_mode():
         "-A CORRAL-A-a2193afc4663 -d 5.6.7.8/32 -j RETURN",
         "-A CORRAL-A-a2193afc4663 -j DROP",
         "-I CORRAL-SBX-corral 1 -s 10.210.0.9/32 -m comment --comment corral-sandbox=a2193afc4663 -g CORRAL-A-a2193afc4663",
-        "COMMIT",
     ]
 
 
