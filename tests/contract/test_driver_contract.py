@@ -126,11 +126,17 @@ async def test_failed_create_leaves_nothing(driver, sandboxes, image):
     assert await driver.list(marker) == []
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.12], ids=["while-creating", "while-booting"])
-async def test_cancelled_create_leaves_nothing(driver, sandboxes, image, delay):
+@pytest.mark.parametrize("when", ["while-creating", "while-booting"])
+async def test_cancelled_create_leaves_nothing(driver, sandboxes, image, when):
     marker = {"corral.test": _name("cancel")}
     task = asyncio.ensure_future(sandboxes.create(_spec(_name("c4"), image, labels=marker)))
-    await asyncio.sleep(delay)
+    if when == "while-creating":
+        await asyncio.sleep(0.05)
+    else:  # as soon as the driver lists the sandbox: it exists, and its box has only begun to boot
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await driver.list(marker) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+        assert not task.done(), "the create ended before the sandbox was seen booting"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
